@@ -1,0 +1,13 @@
+"""tokenroute: TREAD token routing and its relatives for diffusion backbones, spliced in with one line.
+
+    model = tokenroute.wrap(model, routes=[(2, 8, 0.5)])
+"""
+
+from .core import (BLOCK_REGISTRY, BlockSpec, Route, RouteError, explain, is_wrapped, load_routing_state_dict,
+                   register_block, routing, routing_masks, routing_state_dict, unwrap, wrap)
+
+__version__ = "0.1.0"
+
+__all__ = ["BLOCK_REGISTRY", "BlockSpec", "Route", "RouteError", "explain", "is_wrapped",
+           "load_routing_state_dict", "register_block", "routing", "routing_masks", "routing_state_dict",
+           "unwrap", "wrap"]

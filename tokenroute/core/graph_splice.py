@@ -1,0 +1,299 @@
+"""Route by rewriting the owner's forward graph: trace it once per input signature (blocks as leaves)
+and splice a route-start node before each route's first block and a route-end node after its last.
+
+Dataflow decides what crosses a boundary: every value made before the route and used inside it enters
+through the start node (token-aligned ones are gathered), every value made inside and used after it
+leaves through the end node (routed ones are scattered back). That covers U-ViT's long skips, rotary
+tables and masks as well as the main hidden state.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from .boundary import RoutingState, gather_value, scatter_value
+from .registry import BlockSpec, bind_arguments
+from .route import RouteError
+from .stack import BlockStack
+from .tracer import ConcreteTracer
+
+ROOT = "owner"
+
+
+class _Call(nn.Module):
+    """Holds the owner as a submodule and calls its original forward on flat tensor inputs, so the
+    traced graph takes a tuple of tensors and returns a flat tuple (pytree specs rebuild the rest)."""
+
+    def __init__(self, owner: nn.Module, forward: Callable[..., Any], in_spec: TreeSpec, constants: list[Any]):
+        super().__init__()
+        self.owner = owner
+        self._forward = forward
+        self._in_spec = in_spec
+        self._constants = constants  # non-tensor leaves of the call, None where a tensor goes
+        self.out_spec: TreeSpec | None = None
+
+    def forward(self, tensors: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        it = iter(range(len(self._constants)))
+        leaves, k = [], 0
+        for i in it:
+            if self._constants[i] is _TENSOR:
+                leaves.append(tensors[k])
+                k += 1
+            else:
+                leaves.append(self._constants[i])
+        args, kwargs = tree_unflatten(leaves, self._in_spec)
+        out = self._forward(self.owner, *args, **kwargs)
+        flat, self.out_spec = tree_flatten(out)
+        return tuple(flat)
+
+
+_TENSOR = object()
+
+
+class RouteStart(nn.Module):
+    """Draws route ``index``'s kept tokens and gathers the values that enter the route."""
+
+    def __init__(self, state: RoutingState, index: int, roles: list[str], shared: bool):
+        super().__init__()
+        self.state, self.index, self.roles, self.shared = state, index, roles, shared
+
+    def forward(self, stream: torch.Tensor, *values: Any) -> tuple[Any, ...]:
+        run = self.state.start(self.index, stream, shared=self.shared)
+        return tuple(gather_value(run, v, role) for v, role in zip(values, self.roles))
+
+
+class RouteEnd(nn.Module):
+    """Scatters the routed values that leave route ``index`` back around the route-start stream."""
+
+    def __init__(self, state: RoutingState, index: int, routed: list[bool]):
+        super().__init__()
+        self.state, self.index, self.routed = state, index, routed
+
+    def forward(self, *values: Any) -> tuple[Any, ...]:
+        run = self.state.runs[self.index]
+        return tuple(scatter_value(run, v) if r else v for v, r in zip(values, self.routed))
+
+
+@dataclass
+class Boundary:
+    """What one route's splice does, for explain()."""
+
+    route: int
+    stream: str
+    gathered: list[tuple[str, str]] = field(default_factory=list)  # (value, role)
+    passed: list[str] = field(default_factory=list)
+    scattered: list[str] = field(default_factory=list)
+    returned: list[str] = field(default_factory=list)  # leave unchanged
+    shared_selection: bool = False
+
+
+@dataclass
+class TracedForward:
+    module: fx.GraphModule
+    call: _Call
+    boundaries: list[Boundary]
+
+    def __call__(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        return tree_unflatten(list(self.module(tensors)), self.call.out_spec)
+
+
+def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[Any, list[Any], list[torch.Tensor], TreeSpec]:
+    """The cache key of a call (grad/autocast modes, tensor metadata, constant values, structure)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    key: list[Any] = [training, torch.is_grad_enabled(), torch.is_autocast_enabled(), spec]
+    constants, tensors = [], []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            constants.append(_TENSOR)
+            key.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
+        else:
+            constants.append(leaf)
+            try:
+                hash(leaf)
+                key.append((type(leaf), leaf))
+            except TypeError:
+                key.append((type(leaf), id(leaf)))
+    return tuple(key), constants, tensors, spec
+
+
+def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, args: tuple, kwargs: dict,
+          constants: list[Any], tensors: list[torch.Tensor], in_spec: TreeSpec) -> TracedForward:
+    """Trace the owner's forward on this call and splice every route in. Raises on any mismatch."""
+    call = _Call(stack.owner, forward, in_spec, constants)
+    containers = {m for name, m in stack.owner.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))
+                  and any(b is m2 for b in stack.blocks for m2 in m)}
+    tracer = ConcreteTracer(traced={call, stack.owner, *containers}, leaves=set(stack.blocks))
+    graph = tracer.trace_with(call, tuple(tensors))
+    input_names = _input_names(forward, args, kwargs)
+    for node in graph.nodes:  # name the inputs for explain()
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0].op == "placeholder":
+            node.meta["label"] = f"input {input_names[node.args[1]]}"
+    module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
+    boundaries = splice(module, stack, state)
+    return TracedForward(module, call, boundaries)
+
+
+def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
+    """Readable names of the call's tensor leaves: the argument's name, with the path inside it."""
+    import inspect
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    params = [p.name for p in inspect.signature(forward).parameters.values()][1:]
+    names = []
+    for path, leaf in tree_flatten_with_path((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor):
+            where, rest = path[0].idx, path[1:]
+            head = params[rest[0].idx] if where == 0 and rest[0].idx < len(params) else keystr(rest[:1]).strip("[]'")
+            names.append(head + keystr(rest[1:]))
+    return names
+
+
+def describe(node: fx.Node) -> str:
+    """A node's value in words: 'input x', 'blocks.3 output', 'blocks.3 output[1]', else its name."""
+    if "label" in node.meta:
+        return node.meta["label"]
+    if node.op == "call_module":
+        return f"{node.target.removeprefix(ROOT + '.')} output"
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and node.args[0].op == "call_module":
+        return f"{describe(node.args[0])}[{node.args[1]}]"
+    return node.name
+
+
+def _block_nodes(graph: fx.Graph, stack: BlockStack) -> list[fx.Node]:
+    paths = [f"{ROOT}.{p}" for p in stack.paths]
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target in set(paths)]
+    if [n.target for n in nodes] != paths:
+        raise RouteError(
+            f"the traced forward calls the blocks as {[n.target for n in nodes]}, not once each in the order "
+            f"{paths}; name the stack with blocks=... or route with mechanism='hooks'"
+        )
+    return nodes
+
+
+def _contains(value: Any, node: fx.Node) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or v is node
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
+
+
+def splice(module: fx.GraphModule, stack: BlockStack, state: RoutingState) -> list[Boundary]:
+    graph = module.graph
+    blocks = _block_nodes(graph, stack)
+    spec_of = {n: s for n, s in zip(blocks, stack.specs)}
+    block_of = {n: b for n, b in zip(blocks, stack.blocks)}
+    boundaries = []
+    for i, route in enumerate(state.routes):
+        order = list(graph.nodes)
+        pos = {n: k for k, n in enumerate(order)}
+        first, last = blocks[route.start], blocks[route.end]
+        stop = pos[last]
+        while stop + 1 < len(order) and order[stop + 1].op == "call_function" \
+                and order[stop + 1].target is operator.getitem and order[stop + 1].args[0] in order[pos[first]:stop + 1]:
+            stop += 1  # unpacking the last block's tuple output belongs to the route
+        region = order[pos[first]:stop + 1]
+        inside = set(region)
+
+        # values entering the route, with the role of each use
+        stream_name = spec_of[first].stream
+        stream = _argument(first, block_of[first], stream_name)
+        if not isinstance(stream, fx.Node):
+            raise RouteError(f"block {route.start} gets no token stream '{stream_name}' as a traced value")
+        entering: dict[fx.Node, dict[fx.Node, str]] = {}
+        for node in region:
+            for source in node.all_input_nodes:
+                if source in inside:
+                    continue
+                entering.setdefault(source, {})[node] = _role(source, node, spec_of.get(node), block_of.get(node))
+        boundary = Boundary(i, describe(stream))
+        gather = [(src, uses) for src, uses in entering.items()
+                  if any(r != "pass" for r in uses.values()) and src.op != "get_attr"]
+        boundary.passed = [describe(src) for src, uses in entering.items() if (src, uses) not in gather]
+        shared = any(r == "table" for _, uses in gather for r in uses.values())
+        boundary.shared_selection = shared
+        roles = [_merge(uses.values()) for _, uses in gather]
+        with graph.inserting_before(first):
+            start_name = f"route{i}_start"
+            module.add_submodule(start_name, RouteStart(state, i, roles, shared))
+            start = graph.call_module(start_name, (stream, *[src for src, _ in gather]))
+            for k, ((src, uses), role) in enumerate(zip(gather, roles)):
+                got = graph.call_function(operator.getitem, (start, k))
+                boundary.gathered.append((describe(src), role))
+                for user, use_role in uses.items():
+                    if use_role != "pass":
+                        user.replace_input_with(src, got)
+
+        # values leaving the route: routed if they carry the stream (taint from gathered values/blocks)
+        routed = _routed_nodes(region, spec_of, gathered=set(start.users))
+        leaving = [n for n in region if any(u not in inside for u in n.users)]
+        flags = [n in routed for n in leaving]
+        with graph.inserting_after(region[-1]):
+            end_name = f"route{i}_end"
+            module.add_submodule(end_name, RouteEnd(state, i, flags))
+            end = graph.call_module(end_name, tuple(leaving))
+        with graph.inserting_after(end):
+            for k, (node, flag) in enumerate(zip(leaving, flags)):
+                got = graph.call_function(operator.getitem, (end, k))
+                for user in list(node.users):
+                    if user not in inside and user is not end:
+                        user.replace_input_with(node, got)
+                (boundary.scattered if flag else boundary.returned).append(describe(node))
+        boundaries.append(boundary)
+    graph.lint()
+    module.recompile()
+    return boundaries
+
+
+def _argument(node: fx.Node, block: nn.Module, name: str) -> Any:
+    bound = bind_arguments(block, node.args, dict(node.kwargs))
+    return bound.get(name)
+
+
+def _role(source: fx.Node, user: fx.Node, spec: BlockSpec | None, block: nn.Module | None) -> str:
+    if spec is None:
+        return "auto"
+    bound = bind_arguments(block, user.args, dict(user.kwargs))
+    roles = {spec.role(name) for name, v in bound.items() if _contains(v, source)}
+    return _merge(roles)
+
+
+def _merge(roles: Any) -> str:
+    roles = set(roles)
+    for role in ("tokens", "table", "auto"):
+        if role in roles:
+            return role
+    return "pass"
+
+
+def _routed_nodes(region: list[fx.Node], spec_of: dict[fx.Node, BlockSpec], gathered: set[fx.Node]) -> set[fx.Node]:
+    """Nodes of the region whose value carries routed tokens: gathered inputs, the stream output of every
+    block, and whatever is computed from them (a block's non-stream outputs, e.g. text tokens, are not)."""
+    routed: set[fx.Node] = set(gathered)
+    tuple_blocks: dict[fx.Node, int] = {}
+    for node in region:
+        spec = spec_of.get(node)
+        if spec is not None:
+            if spec.stream_output is None:
+                routed.add(node)
+            else:
+                tuple_blocks[node] = spec.stream_output
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in tuple_blocks:
+            if node.args[1] == tuple_blocks[node.args[0]]:
+                routed.add(node)
+        elif any(src in routed for src in node.all_input_nodes):
+            routed.add(node)
+    return routed

@@ -1,0 +1,87 @@
+"""Route with module hooks when the owner's forward cannot be traced: the same boundaries, applied at
+block calls. The first block of a route gathers its token-aligned arguments, every later block of the
+route gathers full-length ones it receives (skips made before the route), the last block's stream output
+is scattered back, and blocks after the route scatter kept-length arguments (skips made inside it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .boundary import RoutingState, gather_value, is_token_aligned, scatter_value
+from .registry import bind_arguments, forward_parameters
+from .stack import BlockStack
+
+
+class HookSplice:
+    """Installs and removes the hooks; ``routing`` is set by the owner's forward for each call."""
+
+    def __init__(self, stack: BlockStack, state: RoutingState):
+        self.stack, self.state = stack, state
+        self.routing = False
+        self.handles: list[Any] = []
+        self.route_of: dict[int, int] = {}
+        for i, route in enumerate(state.routes):
+            for b in range(route.start, route.end + 1):
+                self.route_of[b] = i
+
+    def install(self) -> None:
+        for position, block in enumerate(self.stack.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre_hook(position), with_kwargs=True))
+            if any(r.end == position for r in self.state.routes):
+                self.handles.append(block.register_forward_hook(self._post_hook(position), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _pre_hook(self, position: int):
+        spec = self.stack.specs[position]
+        block = self.stack.blocks[position]
+        names = [p.name for p in forward_parameters(block) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if not self.routing:
+                return None
+            bound = bind_arguments(module, args, kwargs)
+            route = self.route_of.get(position)
+            if route is not None and self.state.routes[route].start == position:
+                run = self.state.start(route, bound[spec.stream], shared=any(
+                    spec.role(n) == "table" and v is not None for n, v in bound.items()))
+                new = {n: gather_value(run, v, spec.role(n)) for n, v in bound.items()}
+            elif route is not None:
+                run = self.state.runs[route]
+                new = {n: v if n == spec.stream or spec.role(n) == "pass" else
+                       gather_value(run, v, "table" if spec.role(n) == "table" else "auto")
+                       for n, v in bound.items()}
+            else:
+                new = dict(bound)
+                for run in self.state.runs:
+                    if run is None or run.kept_length == run.length:
+                        continue
+                    for n, v in new.items():
+                        if n != spec.stream and spec.role(n) != "pass" and is_token_aligned(v, run.base.shape[0], run.kept_length):
+                            new[n] = scatter_value(run, v)
+            positional = [names[k] if k < len(names) else f"*{k - len(names)}" for k in range(len(args))]
+            return tuple(new[n] for n in positional), {k: new[k] for k in kwargs}
+
+        return hook
+
+    def _post_hook(self, position: int):
+        spec = self.stack.specs[position]
+        route = self.route_of[position]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.routing:
+                return None
+            run = self.state.runs[route]
+            if spec.stream_output is None:
+                return scatter_value(run, output)
+            out = list(output)
+            out[spec.stream_output] = scatter_value(run, out[spec.stream_output])
+            return type(output)(out) if isinstance(output, tuple) else out
+
+        return hook

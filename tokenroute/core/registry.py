@@ -1,0 +1,99 @@
+"""Per-block-class facts: which argument carries the token stream, which output returns it, which
+arguments are other token-aligned tensors, batch-free token tables, or conditioning that is never routed.
+
+Keyed by class name so that registering diffusers' blocks needs no diffusers import.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from .route import RouteError
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How tokens flow through one block class.
+
+    stream: name of the argument that carries the routed token stream (B, L, D).
+    stream_output: index of the stream in a tuple output; None when the block returns the stream itself.
+    token_args: other arguments aligned with the stream's tokens on axis 1 (U-ViT's skip).
+    table_args: batch-free tables aligned with the tokens on axis 0 (rotary embeddings); may hold extra
+        leading rows for tokens that are not routed (text tokens in joint attention).
+    context_args: arguments that are never routed (conditioning, text tokens, their masks).
+    """
+
+    stream: str
+    stream_output: int | None = None
+    token_args: tuple[str, ...] = ()
+    table_args: tuple[str, ...] = ()
+    context_args: tuple[str, ...] = ()
+
+    def role(self, name: str) -> str:
+        """'tokens', 'table', 'pass', or 'auto' (decided at run time by the tensor's shape)."""
+        if name == self.stream or name in self.token_args:
+            return "tokens"
+        if name in self.table_args:
+            return "table"
+        if name in self.context_args:
+            return "pass"
+        return "auto"
+
+
+_CONTEXT = ("c", "cond", "emb", "temb", "t", "timestep", "y", "context", "encoder_hidden_states",
+            "encoder_attention_mask", "class_labels", "cross_attention_kwargs", "added_cond_kwargs",
+            "joint_attention_kwargs")
+_TOKEN_ARGS = ("skip",)
+_TABLES = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rope", "rotary_pos_emb")
+
+_JOINT = dict(stream="hidden_states", stream_output=1, table_args=_TABLES, context_args=_CONTEXT)
+BLOCK_REGISTRY: dict[str, BlockSpec] = {
+    # diffusers
+    "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
+    "PixArtTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
+    "JointTransformerBlock": BlockSpec(**_JOINT),
+    "FluxTransformerBlock": BlockSpec(**_JOINT),
+    "FluxSingleTransformerBlock": BlockSpec(**_JOINT),
+}
+
+
+def register_block(block_class: type | str, spec: BlockSpec) -> None:
+    """Teach tokenroute how tokens flow through ``block_class`` (a class or its name)."""
+    name = block_class if isinstance(block_class, str) else block_class.__name__
+    BLOCK_REGISTRY[name] = spec
+
+
+def forward_parameters(block: nn.Module) -> list[inspect.Parameter]:
+    return list(inspect.signature(block.forward).parameters.values())
+
+
+def spec_for(block: nn.Module) -> BlockSpec:
+    """The registered spec of the block's class (or of a base class), else one read from its signature:
+    the first positional argument is the stream, the output is the stream."""
+    for cls in type(block).__mro__:
+        if cls.__name__ in BLOCK_REGISTRY:
+            return BLOCK_REGISTRY[cls.__name__]
+    params = forward_parameters(block)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise RouteError(
+            f"cannot tell which argument of {type(block).__name__}.forward carries the tokens (its signature "
+            f"is {inspect.signature(block.forward)}); register it: tokenroute.register_block("
+            f"{type(block).__name__}, tokenroute.BlockSpec(stream='x'))"
+        )
+    return BlockSpec(positional[0].name, token_args=_TOKEN_ARGS, table_args=_TABLES, context_args=_CONTEXT)
+
+
+def bind_arguments(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map a call's positional and keyword arguments to the block's parameter names."""
+    names = [p.name for p in forward_parameters(block) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    bound = dict(zip(names, args))
+    extra = args[len(names):]
+    if extra:
+        bound.update({f"*{i}": value for i, value in enumerate(extra)})
+    bound.update(kwargs)
+    return bound

@@ -1,0 +1,116 @@
+"""Which tokens a route keeps: uniform random per sample (TREAD), a custom selector, protected tokens."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .route import RouteError, Selector
+
+
+def distributed_rank() -> int:
+    """This process's rank: from torch.distributed when it is initialised, else the launcher's RANK."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class RoutingGenerator:
+    """One torch.Generator per device, seeded from ``seed`` (or torch's initial seed) and the rank,
+    so every distributed rank draws different masks and a fixed seed repeats them."""
+
+    RANK_STRIDE = 1_000_003
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def base_seed(self) -> int:
+        seed = torch.initial_seed() if self.seed is None else self.seed
+        return (seed + self.RANK_STRIDE * distributed_rank()) % (2**63)
+
+    def get(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.base_seed())
+            self._generators[device] = generator
+        return generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generators' states, keyed by device, for checkpoints that resume routing exactly."""
+        return {str(device): gen.get_state() for device, gen in self._generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for device, gen_state in state.items():
+            self.get(torch.device(device)).set_state(gen_state)
+
+
+def draw_keep(
+    tokens: torch.Tensor,
+    num_keep: int,
+    generator: torch.Generator,
+    *,
+    shared: bool = False,
+    protect: torch.Tensor | None = None,
+    selector: Selector | None = None,
+) -> torch.Tensor:
+    """Indices (B, K) of the tokens to keep, ascending so kept tokens stay in their original order.
+
+    ``tokens``: the routable tokens (B, N, ...). ``shared``: one draw for the whole batch (needed when a
+    batch-free table such as a rotary embedding must be gathered with the tokens). ``protect``: bool
+    (N,) or (B, N), True for tokens that must never be routed. Runs on the tokens' device, no sync.
+    """
+    batch, num_tokens = tokens.shape[0], tokens.shape[1]
+    if selector is not None:
+        keep = _from_selector(selector(tokens, num_keep, generator), batch, num_tokens, num_keep)
+    else:
+        rows = 1 if shared else batch
+        scores = torch.rand(rows, num_tokens, device=tokens.device, generator=generator)
+        if protect is not None:
+            scores = scores.masked_fill(protect.to(tokens.device), -1.0)
+        keep = scores.topk(num_keep, dim=1, largest=False, sorted=False).indices
+        if shared:
+            keep = keep.expand(batch, -1)
+    return keep.sort(dim=1).values
+
+
+def _from_selector(result: torch.Tensor, batch: int, num_tokens: int, num_keep: int) -> torch.Tensor:
+    if not isinstance(result, torch.Tensor):
+        raise RouteError(f"the route's selector returned {type(result).__name__}; return keep indices (B, K) or a bool keep mask (B, N)")
+    if result.dtype == torch.bool:
+        if tuple(result.shape) != (batch, num_tokens):
+            raise RouteError(f"the selector's keep mask has shape {tuple(result.shape)}; expected ({batch}, {num_tokens})")
+        counts = result.sum(dim=1)
+        if bool((counts != num_keep).any()):
+            raise RouteError(
+                f"the selector's keep mask keeps {counts.tolist()} tokens per sample; every sample must keep "
+                f"exactly {num_keep} (N - int(N * ratio))"
+            )
+        return result.float().topk(num_keep, dim=1).indices
+    if result.dtype not in (torch.int64, torch.int32) or tuple(result.shape) != (batch, num_keep):
+        raise RouteError(
+            f"the selector returned a {result.dtype} tensor of shape {tuple(result.shape)}; return int64 keep "
+            f"indices of shape ({batch}, {num_keep}) or a bool keep mask of shape ({batch}, {num_tokens})"
+        )
+    return result.long()
+
+
+def check_protect(protect: torch.Tensor, batch: int, num_tokens: int, num_keep: int) -> torch.Tensor:
+    """Validate a never-route mask against the tokens of one forward; returns it as bool (B or 1, N)."""
+    if protect.dtype != torch.bool or protect.shape[-1] != num_tokens or protect.dim() not in (1, 2):
+        raise RouteError(
+            f"protect mask of shape {tuple(protect.shape)} and dtype {protect.dtype} does not fit {num_tokens} "
+            f"routable tokens; give a bool tensor of shape ({num_tokens},) or ({batch}, {num_tokens})"
+        )
+    protect = protect.reshape(-1, num_tokens)
+    if protect.shape[0] not in (1, batch):
+        raise RouteError(f"protect mask has {protect.shape[0]} rows for a batch of {batch}")
+    most = int(protect.sum(dim=1).max())
+    if most > num_keep:
+        raise RouteError(
+            f"{most} tokens are protected but a route keeps only {num_keep} of {num_tokens}; lower the ratio "
+            "or protect fewer tokens"
+        )
+    return protect

@@ -1,0 +1,39 @@
+"""Gather and scatter along a token axis as single batched index operations."""
+
+from __future__ import annotations
+
+import torch
+
+
+def with_prefix(keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Shift kept indices past ``prefix`` leading tokens and keep those tokens too: (B, prefix + K)."""
+    if prefix == 0:
+        return keep
+    lead = torch.arange(prefix, device=keep.device).expand(keep.shape[0], prefix)
+    return torch.cat([lead, keep + prefix], dim=1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for x of shape (B or 1, L, ...) and index (B, K): one gather."""
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    view = index.view(*index.shape, *([1] * (x.dim() - 2)))
+    return torch.take_along_dim(x, view, dim=1)
+
+
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``base`` (B, L, ...) with rows ``index`` (B, K) replaced by ``x`` (B, K, ...)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    full = base.reshape(base.shape[0], base.shape[1], -1).to(flat.dtype)
+    out = full.scatter(1, index.unsqueeze(-1).expand_as(flat), flat)
+    return out.view(*base.shape[:2], *x.shape[2:])
+
+
+def gather_table(table: torch.Tensor, index: torch.Tensor, stream_length: int) -> torch.Tensor:
+    """Rows of a batch-free token table (S, ...) for the kept tokens. The table may hold extra leading
+    rows (text tokens in joint attention) beyond the stream's ``stream_length`` tokens: they are kept."""
+    offset = table.shape[0] - stream_length
+    rows = index[0] + offset
+    if offset > 0:
+        rows = torch.cat([torch.arange(offset, device=rows.device), rows])
+    return table.index_select(0, rows)

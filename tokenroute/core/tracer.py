@@ -1,0 +1,165 @@
+"""A torch.fx tracer that runs the model alongside the trace, so every Proxy knows its real value.
+
+Plain ``symbolic_trace`` fails on most diffusers transformers because their forward reads shapes
+(``if self.height != height``, ``int(x.shape[1] ** 0.5)``) and branches on optional arguments. Here
+each Proxy carries the concrete tensor it stands for: shape and dtype queries return real Python values
+and become constants, so the graph is specialised to one input signature (the splice caches one graph
+per signature). Branching on tensor *values* (``.item()``, ``if x.any()``) cannot be specialised
+safely and raises ``TraceError`` instead, which sends the splice to its module-level fallback.
+
+Only the owner's own forward is traced: every other submodule is a leaf and runs as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+from torch.fx.proxy import TraceError
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "stride", "element_size",
+                            "is_contiguous", "is_floating_point", "is_complex", "get_device", "__len__"})
+_RANDOM_FUNCTIONS = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm",
+                     "bernoulli", "multinomial", "normal", "poisson")
+
+
+def _has_tensor(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, torch.Tensor)
+        return v
+
+    map_aggregate(value, visit)
+    return found
+
+
+class ConcreteProxy(fx.Proxy):
+    """A Proxy whose node carries ``meta['concrete']``, the value it stands for in the traced call."""
+
+    @property
+    def concrete(self) -> Any:
+        return self.node.meta["concrete"]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = getattr(self.node.meta["concrete"], name)
+        if not callable(value) and not isinstance(value, torch.Tensor):
+            return value  # shape, ndim, dtype, device: constants of this signature
+        return super().__getattr__(name)
+
+    def __len__(self) -> int:
+        return len(self.concrete)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self.concrete)))
+
+    def __bool__(self) -> bool:
+        raise TraceError("the forward branches on a tensor's value; it cannot be specialised by shape")
+
+    def __index__(self) -> int:
+        raise TraceError("the forward turns a tensor's value into a Python number")
+
+    __int__ = __float__ = __index__
+
+
+class ConcreteTracer(fx.Tracer):
+    """Traces ``root`` on real inputs; modules outside ``traced`` and everything in ``leaves`` stay leaves."""
+
+    def __init__(self, traced: set[torch.nn.Module], leaves: set[torch.nn.Module]):
+        super().__init__()
+        self.traced_modules = traced
+        self.leaf_modules = leaves
+        self.example: Any = None
+        self._depth = 0  # > 0 while running ops for real to compute concrete values
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
+        return m in self.leaf_modules or m not in self.traced_modules
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ConcreteProxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        if self._depth:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._depth:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _concrete(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        def real(a: Any) -> Any:
+            return a.node.meta["concrete"] if isinstance(a, fx.Proxy) else a
+
+        args = map_aggregate(args, real)
+        kwargs = map_aggregate(kwargs, real)
+        with self._running():
+            if kind == "placeholder":
+                return self.example
+            if kind == "get_attr":
+                return operator.attrgetter(target)(self.root)
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*args, **kwargs)
+        raise TraceError(f"unexpected node kind {kind}")
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> Any:
+        if kind == "output":
+            return super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        value = self._concrete(kind, target, args, kwargs)
+        if kind in ("call_function", "call_method") and not _has_tensor(value):
+            shape_query = target in _SHAPE_METHODS or target in (getattr, len)
+            if not shape_query and value is not None:
+                raise TraceError(f"{getattr(target, '__name__', target)} turns a tensor into the Python value "
+                                 f"{value!r}; the forward depends on tensor values")
+            return value
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        proxy.node.meta["concrete"] = value
+        return proxy
+
+    @contextlib.contextmanager
+    def _recording_random_calls(self) -> Iterator[None]:
+        """Random factories called with constant arguments would be baked into the graph as fixed
+        tensors; record them as calls instead so every forward draws afresh."""
+        originals = {name: getattr(torch, name) for name in _RANDOM_FUNCTIONS}
+
+        def recorder(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if self._depth:
+                    return fn(*args, **kwargs)
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return call
+
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, recorder(fn))
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
+    def trace_with(self, root: torch.nn.Module, example: Any) -> fx.Graph:
+        """Trace ``root.forward(example)`` where ``example`` is the real input the graph specialises to."""
+        self.example = example
+        with self._recording_random_calls():
+            return self.trace(root)
