@@ -5,6 +5,7 @@ is scattered back, and blocks after the route scatter kept-length arguments (ski
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -22,15 +23,26 @@ class HookSplice:
         self.stack, self.state = stack, state
         self.routing = False
         self.handles: list[Any] = []
+        self.made: list[dict[int, weakref.ref]] = [{} for _ in state.routes]  # outputs made inside each route
         self.route_of: dict[int, int] = {}
         for i, route in enumerate(state.routes):
             for b in range(route.start, route.end + 1):
                 self.route_of[b] = i
 
+    def begin(self) -> None:
+        """Start of a routed forward."""
+        self.routing = True
+        for made in self.made:
+            made.clear()
+
+    def _made_in(self, j: int, value: Any) -> bool:
+        ref = self.made[j].get(id(value))
+        return ref is not None and ref() is value
+
     def install(self) -> None:
         for position, block in enumerate(self.stack.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(position), with_kwargs=True))
-            if any(r.end == position for r in self.state.routes):
+            if position in self.route_of:
                 self.handles.append(block.register_forward_hook(self._post_hook(position), with_kwargs=True))
 
     def remove(self) -> None:
@@ -46,36 +58,41 @@ class HookSplice:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if not self.routing:
                 return None
-            bound = bind_arguments(module, args, kwargs)
+            new = bind_arguments(module, args, kwargs)
+            for j, run in enumerate(self.state.runs):  # values made inside finished routes come back
+                if run is None or self.state.routes[j].end >= position or run.kept_length == run.length:
+                    continue
+                for n, v in new.items():
+                    if n != spec.stream and spec.role(n) != "pass" and self._made_in(j, v):
+                        new[n] = scatter_value(run, v)
             route = self.route_of.get(position)
             if route is not None and self.state.routes[route].start == position:
-                run = self.state.start(route, bound[spec.stream], shared=any(
-                    spec.role(n) == "table" and v is not None for n, v in bound.items()))
-                new = {n: gather_value(run, v, spec.role(n)) for n, v in bound.items()}
-            elif route is not None:
+                run = self.state.start(route, new[spec.stream], shared=any(
+                    spec.role(n) == "table" and v is not None for n, v in new.items()))
+                new = {n: gather_value(run, v, spec.role(n)) for n, v in new.items()}
+            elif route is not None:  # values made before the route enter it
                 run = self.state.runs[route]
                 new = {n: v if n == spec.stream or spec.role(n) == "pass" else
                        gather_value(run, v, "table" if spec.role(n) == "table" else "auto")
-                       for n, v in bound.items()}
-            else:
-                new = dict(bound)
-                for run in self.state.runs:
-                    if run is None or run.kept_length == run.length:
-                        continue
-                    for n, v in new.items():
-                        if n != spec.stream and spec.role(n) != "pass" and is_token_aligned(v, run.base.shape[0], run.kept_length):
-                            new[n] = scatter_value(run, v)
+                       for n, v in new.items()}
             positional = [names[k] if k < len(names) else f"*{k - len(names)}" for k in range(len(args))]
             return tuple(new[n] for n in positional), {k: new[k] for k in kwargs}
 
         return hook
 
     def _post_hook(self, position: int):
+        """Inside a route: remember the block's output (it may be kept as a skip); at its end: scatter."""
         spec = self.stack.specs[position]
         route = self.route_of[position]
 
+        last = self.state.routes[route].end == position
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.routing:
+                return None
+            stream = output if spec.stream_output is None else output[spec.stream_output]
+            if not last:
+                self.made[route][id(stream)] = weakref.ref(stream)
                 return None
             run = self.state.runs[route]
             if spec.stream_output is None:

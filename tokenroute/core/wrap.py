@@ -57,7 +57,7 @@ class Routing:
                 traced = self._trace(key, args, kwargs, constants, tensors, spec)
             if traced is not None:
                 return traced(tuple(tensors))
-        self.hooks.routing = True
+        self.hooks.begin()
         try:
             return self.call_original(*args, **kwargs)
         finally:
@@ -85,6 +85,8 @@ class Routing:
         except RouteError:
             raise
         except Exception as err:  # untraceable forward: fall back to hooks, with the same semantics
+            with torch.no_grad():
+                self.call_original(*args, **kwargs)  # the model's own error on bad input surfaces here
             if self.requested == "fx":
                 raise RouteError(f"torch.fx could not trace {type(self.stack.owner).__name__}.forward: {err}") from err
             self.fallback_reason = f"{type(err).__name__}: {err}"
