@@ -138,6 +138,8 @@ def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, a
             node.meta["label"] = f"input {input_names[node.args[1]]}"
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
     boundaries = splice(module, stack, state)
+    for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
+        node.meta.pop("concrete", None)
     return TracedForward(module, call, boundaries)
 
 

@@ -79,13 +79,16 @@ class Routing:
         function = self.original_function
         if function is None:
             raise RouteError("the owner's forward is not a method; wrap before patching forward")
+        cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         try:
-            with torch.no_grad():
+            # the trace runs the forward once, in the caller's grad mode (the forward may branch on it);
+            # leave the caller's random streams as they were
+            with torch.random.fork_rng(devices=cuda):
                 traced = graph_splice.trace(self.stack, function, self.state, args, kwargs, constants, tensors, spec)
         except RouteError:
             raise
         except Exception as err:  # untraceable forward: fall back to hooks, with the same semantics
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 self.call_original(*args, **kwargs)  # the model's own error on bad input surfaces here
             if self.requested == "fx":
                 raise RouteError(f"torch.fx could not trace {type(self.stack.owner).__name__}.forward: {err}") from err
