@@ -1,0 +1,86 @@
+"""TREAD written by hand inside each reference backbone's forward loop, as the paper's code does: the
+baseline a user would otherwise write, against which the spliced routing is timed."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tokenroute.models import DiffusionMamba, DiT, UViT, dit_forward_handrouted
+
+
+def draw_keep(batch: int, num_tokens: int, ratio: float, device: torch.device, ordered: bool) -> torch.Tensor:
+    """The paper's draw: a random permutation per sample, the first N - int(N * ratio) kept. State-space
+    models need the kept tokens in their original order (``ordered``); the paper's DiT does not sort."""
+    keep = torch.rand(batch, num_tokens, device=device).argsort(dim=1)[:, : num_tokens - int(num_tokens * ratio)]
+    return keep.sort(dim=1).values if ordered else keep
+
+
+def _index(keep: torch.Tensor, prefix: int, dim: int) -> torch.Tensor:
+    if prefix:
+        lead = torch.arange(prefix, device=keep.device).expand(keep.shape[0], prefix)
+        keep = torch.cat([lead, keep + prefix], dim=1)
+    return keep[..., None].expand(-1, -1, dim)
+
+
+def tread_dit(model: DiT, x, t, y, routes: Sequence[tuple[int, int, float]]) -> torch.Tensor:
+    n = model.x_embedder.num_patches
+    keeps = [(s, e, draw_keep(x.shape[0], n, r, x.device, ordered=False)) for s, e, r in routes]
+    return dit_forward_handrouted(model, x, t, y, keeps)
+
+
+def tread_mamba(model: DiffusionMamba, x, t, y, routes: Sequence[tuple[int, int, float]]) -> torch.Tensor:
+    tokens = model.embed(x, t, y)
+    prefix, dim = model.num_prefix_tokens, tokens.shape[-1]
+    n = tokens.shape[1] - prefix
+    by_start = {s: (e, draw_keep(x.shape[0], n, r, x.device, ordered=True)) for s, e, r in routes}
+    full, idx, end = None, None, -1
+    for i, block in enumerate(model.blocks):
+        if i in by_start:
+            end, keep = by_start[i]
+            idx = _index(keep, prefix, dim)
+            full, tokens = tokens, tokens.gather(1, idx)
+        tokens = block(tokens)
+        if i == end:
+            tokens = full.scatter(1, idx, tokens)
+    return model.head(tokens)
+
+
+def tread_uvit(model: UViT, x, t, y, routes: Sequence[tuple[int, int, float]]) -> torch.Tensor:
+    """U-ViT's loop with routes: skips that enter a route are gathered, skips made inside it are
+    scattered back into the route-start tokens when they are used after it."""
+    tokens = model.embed(x, t, y)
+    prefix, dim = model.num_prefix_tokens, tokens.shape[-1]
+    n = tokens.shape[1] - prefix
+    blocks = [*model.in_blocks, model.mid_block, *model.out_blocks]
+    depth_in = len(model.in_blocks)
+    by_start = {s: (e, draw_keep(x.shape[0], n, r, x.device, ordered=False)) for s, e, r in routes}
+    skips: list[tuple[torch.Tensor, int]] = []  # (skip, index of the route it was made in or -1)
+    full, idx, end, route = None, None, -1, -1
+    for i, block in enumerate(blocks):
+        if i in by_start:
+            end, keep = by_start[i]
+            idx, route = _index(keep, prefix, dim), i
+            full, tokens = tokens, tokens.gather(1, idx)
+        if i > depth_in:
+            skip, made_in = skips.pop()
+            if route != -1 and made_in not in (-1, route):
+                raise NotImplementedError("this reference handles skips of one route only")
+            if route != -1 and made_in == -1:
+                skip = skip.gather(1, idx)
+            elif route == -1 and made_in != -1:
+                skip = full_of[made_in].scatter(1, idx_of[made_in], skip)
+            tokens = block(tokens, skip)
+        else:
+            tokens = block(tokens)
+        if i < depth_in:
+            skips.append((tokens, route))
+        if i == end:
+            full_of, idx_of = {route: full}, {route: idx}
+            tokens = full.scatter(1, idx, tokens)
+            end, route = -1, -1
+    return model.head(tokens)
+
+
+HANDWRITTEN = {DiT: tread_dit, UViT: tread_uvit, DiffusionMamba: tread_mamba}

@@ -1,0 +1,219 @@
+"""Routed training speed against the FLOP limit and a hand-written TREAD.
+
+For each backbone, four variants of one training step (forward + backward + AdamW, bf16 autocast on a GPU)
+share one model and optimizer and are timed side by side, interleaved, after warm-up, with CUDA events;
+each repetition times ``--steps`` steps of every variant in a rotating order, and the figure is the median
+over repetitions:
+
+  unwrapped    the model's own forward
+  wrapped_off  tokenroute.wrap applied, routing switched off (tokenroute.routing(model, enabled=False))
+  routed       tokenroute.wrap with the paper's routes
+  handwritten  TREAD written by hand in the model's forward loop, same routes (benchmarks/handwritten.py)
+
+    python benchmarks/throughput.py                 # GPU: DiT-B/2, DiT-XL/2, U-ViT-M/2, Mamba-B/2
+    python benchmarks/throughput.py --compile       # the same under torch.compile
+    python benchmarks/throughput.py --smoke         # CPU, tiny models, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenroute
+from tokenroute.models import DiffusionMamba, DiT, UViT
+
+from common import RESULTS, Timer, environment, median, write_json
+from handwritten import HANDWRITTEN
+
+
+@dataclass
+class Config:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    batch: int
+    routes: list[tuple[int, int, float]]
+
+
+GPU_CONFIGS = [
+    Config("DiT-B/2", lambda: DiT.from_preset("DiT-B/2", num_classes=1000), 256, [(2, 8, 0.5)]),
+    Config("DiT-XL/2", lambda: DiT.from_preset("DiT-XL/2", num_classes=1000), 64, [(2, 24, 0.5)]),
+    Config("U-ViT-M/2", lambda: UViT.from_preset("U-ViT-M/2", num_classes=1000), 256, [(2, 13, 0.5)]),
+    Config("Mamba-B/2", lambda: DiffusionMamba.from_preset("Mamba-B/2", num_classes=1000), 128, [(2, 8, 0.5)]),
+]
+SMOKE_CONFIGS = [
+    Config("DiT-tiny", lambda: DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=6, num_heads=4), 8, [(1, 4, 0.5)]),
+    Config("U-ViT-tiny", lambda: UViT(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=7, num_heads=4), 8, [(1, 5, 0.5)]),
+    Config("Mamba-tiny", lambda: DiffusionMamba(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=6, headdim=32), 8, [(1, 4, 0.5)]),
+]
+VARIANTS = ["unwrapped", "wrapped_off", "routed", "handwritten"]
+
+
+def forwards(model: torch.nn.Module, routes, compile_: bool) -> dict[str, Callable[..., torch.Tensor]]:
+    """One forward callable per variant, all on the same (wrapped) model and parameters."""
+    unwrapped = functools.partial(type(model).forward, model)  # the class's forward: the model as it was
+
+    def wrapped_off(*a):
+        with tokenroute.routing(model, enabled=False):
+            return model(*a)
+
+    handwritten = functools.partial(HANDWRITTEN[type(model)], model, routes=routes)
+    fns = {"unwrapped": unwrapped, "wrapped_off": wrapped_off, "routed": model, "handwritten": handwritten}
+    if compile_:
+        fns = {k: torch.compile(v) for k, v in fns.items()}
+    return fns
+
+
+def make_step(forward, optimizer, inputs, autocast: bool) -> Callable[[], None]:
+    x, t, y = inputs
+    device_type = x.device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(x, t, y).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_flops(forward, inputs) -> int:
+    with FlopCounterMode(display=False) as counter:
+        forward(*inputs).float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: int, compile_: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = config.build().to(device).train()
+    tokenroute.wrap(model, config.routes, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    c, h = model.in_channels, model.x_embedder.img_size[0] if hasattr(model, "x_embedder") else model.patch_embed.img_size[0]
+    inputs = (torch.randn(config.batch, c, h, h, device=device), torch.rand(config.batch, device=device) * 1000,
+              torch.randint(0, model.num_classes, (config.batch,), device=device))
+    fns = forwards(model, config.routes, compile_)
+    autocast = device.type == "cuda"
+    steps_fn = {k: make_step(f, optimizer, inputs, autocast) for k, f in fns.items()}
+
+    eager = forwards(model, config.routes, False)
+    eager["routed"](*inputs)  # the first routed forward traces the graph: keep it out of the counts
+    flops = {k: step_flops(eager[k], inputs) for k in VARIANTS}
+    model.zero_grad(set_to_none=True)
+
+    for fn in steps_fn.values():  # warm-up (compilation, autotuning, allocator)
+        for _ in range(warmup):
+            fn()
+    timer = Timer(device)
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    peak: dict[str, int] = {k: 0 for k in VARIANTS}
+    for rep in range(reps):
+        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
+        for k in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[k].append(timer(steps_fn[k], steps))
+            if device.type == "cuda":
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
+    ms = {k: median(v) for k, v in times.items()}
+    ideal = flops["unwrapped"] / flops["routed"]
+    achieved = ms["unwrapped"] / ms["routed"]
+    result = {
+        "model": config.name, "batch": config.batch, "routes": config.routes, "compile": compile_,
+        "tokens": model.x_embedder.num_patches if hasattr(model, "x_embedder") else model.patch_embed.num_patches,
+        "variants": {k: {"ms_per_step": ms[k], "images_per_s": config.batch * 1000 / ms[k],
+                         "peak_memory_gib": peak[k] / 2**30, "flops_per_step": flops[k],
+                         "ms_per_step_each_repetition": times[k]} for k in VARIANTS},
+        "ideal_speedup": ideal,
+        "achieved_speedup": achieved,
+        "achieved_over_ideal": achieved / ideal,
+        "routed_over_handwritten_time": ms["routed"] / ms["handwritten"],
+        "wrapped_off_over_unwrapped_time": ms["wrapped_off"] / ms["unwrapped"],
+        "handwritten_speedup": ms["unwrapped"] / ms["handwritten"],
+    }
+    del model, optimizer, fns, steps_fn, eager
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(results), 4))
+    width = 0.8 / (len(VARIANTS) + 1)
+    for i, r in enumerate(results):
+        base = r["variants"]["unwrapped"]["ms_per_step"]
+        for j, k in enumerate(VARIANTS):
+            speed = base / r["variants"][k]["ms_per_step"]
+            ax.bar(i + j * width, speed, width, color=f"C{j}", label=k if i == 0 else None)
+        ax.bar(i + len(VARIANTS) * width, r["ideal_speedup"], width, color="none", edgecolor="k", hatch="//",
+               label="FLOP ideal" if i == 0 else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))],
+                  [f"{r['model']}\nbatch {r['batch']}{' compiled' if r['compile'] else ''}" for r in results])
+    ax.set_ylabel("training-step speed-up over unwrapped")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
+    parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
+    parser.add_argument("--models", default=None, help="comma-separated names to run (default: all)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
+    if args.models:
+        wanted = args.models.split(",")
+        configs = [c for c in configs if c.name in wanted]
+    steps = args.steps or (2 if args.smoke else 10)
+    reps = args.reps or (2 if args.smoke else 7)
+    warmup = args.warmup or (1 if args.smoke else 5)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    results = []
+    for compile_ in ([False, True] if args.compile else [False]):
+        for config in configs:
+            r = bench(config, device, steps, warmup, reps, compile_)
+            results.append(r)
+            v = r["variants"]
+            print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} batch {r['batch']}: "
+                  + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
+                  + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
+                  f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
+                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}", flush=True)
+
+    out = args.output or RESULTS / ("throughput_smoke.json" if args.smoke else "throughput.json")
+    payload = {"benchmark": "throughput", "environment": environment(),
+               "config": {"steps_per_repetition": steps, "repetitions": reps, "warmup_steps": warmup,
+                          "autocast": "bf16" if device.type == "cuda" else None, "optimizer": "AdamW lr 1e-4",
+                          "tf32": device.type == "cuda"},
+               "targets": {"achieved_over_ideal_dit_xl2": 0.95, "routed_over_handwritten_time": 1.01,
+                           "wrapped_off_over_unwrapped_time": 1.01},
+               "results": results}
+    write_json(out, payload)
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
