@@ -43,7 +43,7 @@ def tread_mamba(model: DiffusionMamba, x, t, y, routes: Sequence[tuple[int, int,
             full, tokens = tokens, tokens.gather(1, idx)
         tokens = block(tokens)
         if i == end:
-            tokens = full.scatter(1, idx, tokens)
+            tokens = full.to(tokens.dtype).scatter(1, idx, tokens)
     return model.head(tokens)
 
 
@@ -70,7 +70,7 @@ def tread_uvit(model: UViT, x, t, y, routes: Sequence[tuple[int, int, float]]) -
             if route != -1 and made_in == -1:
                 skip = skip.gather(1, idx)
             elif route == -1 and made_in != -1:
-                skip = full_of[made_in].scatter(1, idx_of[made_in], skip)
+                skip = full_of[made_in].to(skip.dtype).scatter(1, idx_of[made_in], skip)
             tokens = block(tokens, skip)
         else:
             tokens = block(tokens)
@@ -78,7 +78,7 @@ def tread_uvit(model: UViT, x, t, y, routes: Sequence[tuple[int, int, float]]) -
             skips.append((tokens, route))
         if i == end:
             full_of, idx_of = {route: full}, {route: idx}
-            tokens = full.scatter(1, idx, tokens)
+            tokens = full.to(tokens.dtype).scatter(1, idx, tokens)
             end, route = -1, -1
     return model.head(tokens)
 
