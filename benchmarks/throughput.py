@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, a few steps")
     parser.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
+    parser.add_argument("--compile-only", action="store_true", help="time the variants under torch.compile only")
     parser.add_argument("--models", default=None, help="comma-separated names to run (default: all)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
@@ -190,18 +191,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    results = []
-    for compile_ in ([False, True] if args.compile else [False]):
-        for config in configs:
-            r = bench(config, device, steps, warmup, reps, compile_)
-            results.append(r)
-            v = r["variants"]
-            print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} batch {r['batch']}: "
-                  + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
-                  + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
-                  f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
-                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}", flush=True)
-
     out = args.output or RESULTS / ("throughput_smoke.json" if args.smoke else "throughput.json")
     payload = {"benchmark": "throughput", "environment": environment(),
                "config": {"steps_per_repetition": steps, "repetitions": reps, "warmup_steps": warmup,
@@ -209,9 +198,20 @@ def main(argv: list[str] | None = None) -> None:
                           "tf32": device.type == "cuda"},
                "targets": {"achieved_over_ideal_dit_xl2": 0.95, "routed_over_handwritten_time": 1.01,
                            "wrapped_off_over_unwrapped_time": 1.01},
-               "results": results}
-    write_json(out, payload)
-    plot(results, out.with_suffix(".png"))
+               "results": []}
+    modes = [True] if args.compile_only else [False, True] if args.compile else [False]
+    for compile_ in modes:
+        for config in configs:
+            r = bench(config, device, steps, warmup, reps, compile_)
+            payload["results"].append(r)
+            write_json(out, payload)  # after every model: a run cut short keeps what it measured
+            v = r["variants"]
+            print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} batch {r['batch']}: "
+                  + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
+                  + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
+                  f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
+                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}", flush=True)
+    plot(payload["results"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -67,13 +67,20 @@ def draw_keep(
         keep = _from_selector(selector(tokens, num_keep, generator), batch, num_tokens, num_keep)
     else:
         rows = 1 if shared else batch
-        scores = torch.rand(rows, num_tokens, device=tokens.device, generator=generator)
+        scores = _uniform(rows, num_tokens, tokens.device, generator)
         if protect is not None:
             scores = scores.masked_fill(protect.to(tokens.device), -1.0)
         keep = scores.topk(num_keep, dim=1, largest=False, sorted=False).indices
         if shared:
             keep = keep.expand(batch, -1)
     return keep.sort(dim=1).values
+
+
+@torch.compiler.disable
+def _uniform(rows: int, num_tokens: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Random scores from the routing generator. torch.compile cannot trace a Generator argument: this one
+    call runs eagerly (a single deliberate graph break) and the rest of the route compiles."""
+    return torch.rand(rows, num_tokens, device=device, generator=generator)
 
 
 def _from_selector(result: torch.Tensor, batch: int, num_tokens: int, num_keep: int) -> torch.Tensor:
