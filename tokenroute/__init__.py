@@ -4,12 +4,13 @@
 """
 
 from .core import (BLOCK_REGISTRY, BlockSpec, Route, RouteError, explain, is_wrapped, load_routing_state_dict,
-                   register_block, routing, routing_masks, routing_state_dict, unwrap, wrap)
+                   register_block, routing, routing_masks, routing_state_dict, set_ratio, unwrap, wrap)
+from .methods.masking import Decoder, mask
 
 from . import losses, sampling
 
 __version__ = "0.1.0"
 
-__all__ = ["losses", "sampling", "BLOCK_REGISTRY", "BlockSpec", "Route", "RouteError", "explain", "is_wrapped",
+__all__ = ["losses", "sampling", "Decoder", "mask", "set_ratio", "BLOCK_REGISTRY", "BlockSpec", "Route", "RouteError", "explain", "is_wrapped",
            "load_routing_state_dict", "register_block", "routing", "routing_masks", "routing_state_dict",
            "unwrap", "wrap"]

@@ -25,7 +25,7 @@ class RouteRun:
 
     keep: torch.Tensor  # (B, K) kept routable tokens, ascending
     index: torch.Tensor  # (B, P + K) kept positions in the stream, prefix tokens included
-    base: torch.Tensor  # the full stream at the route's start
+    base: torch.Tensor  # what skipped tokens come back as: the route-start stream (TREAD), or a fill
     length: int  # L, full stream length
     kept_length: int  # P + K
     num_tokens: int  # N routable tokens
@@ -35,8 +35,11 @@ class RoutingState:
     """Everything a wrapped model carries: routes, options, the generator and the last forward's draws."""
 
     def __init__(self, routes: list[Route], *, seed: int | None, prefix_tokens: int,
-                 protect: Any = None):
+                 protect: Any = None, fills: list[Any] | None = None):
         self.routes = routes
+        # per route: None (skipped tokens return with their route-start values) or a function of the
+        # route-start stream giving what they return as (masked training: a learnable mask token)
+        self.fills = fills or [None] * len(routes)
         self.prefix_tokens = prefix_tokens
         self.protect = protect
         self.generator = RoutingGenerator(seed)
@@ -75,7 +78,9 @@ class RoutingState:
         keep = draw_keep(routable, num_keep, self.generator.get(stream.device), shared=shared,
                          protect=protect, selector=route.selector)
         index = with_prefix(keep, prefix)
-        run = RouteRun(keep, index, stream, length, prefix + num_keep, num_tokens)
+        fill = self.fills[i]
+        base = stream if fill is None else fill(stream)
+        run = RouteRun(keep, index, base, length, prefix + num_keep, num_tokens)
         self.runs[i] = run
         return run
 

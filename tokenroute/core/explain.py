@@ -26,7 +26,18 @@ def explain(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> str:
         out = "output" if spec.stream_output is None else f"output[{spec.stream_output}]"
         lines.append(f"  [{position:>2}] {path:<28} {type(block).__name__:<26} stream: {spec.stream} -> {out}  {tag}")
     for i, route in enumerate(state.routes):
-        lines.append(f"  route {i}: {route}; {stack.paths[route.start]} .. {stack.paths[route.end]}")
+        back = "as the mask token" if state.fills[i] is not None else "with their route-start values"
+        lines.append(f"  route {i}: {route}; {stack.paths[route.start]} .. {stack.paths[route.end]}; "
+                     f"skipped tokens come back {back}")
+    extension = record.extension
+    for name, module in extension.modules.items():
+        count = sum(p.numel() for p in module.parameters())
+        parts = ", ".join(f"{n} {tuple(p.shape)}" if p.dim() <= 1 else n for n, p in module.named_parameters()
+                          if n.count(".") <= 1)
+        lines.append(f"  {extension.name} adds {owner}.{name}: {count:,} parameters ({parts})")
+    if extension.after_stack is not None:
+        lines.append(f"  after the last block: {type(extension.after_stack).__name__} "
+                     f"({len(getattr(extension.after_stack, 'blocks', []))} blocks); eval runs it with nothing dropped")
     if record.mechanism == "fx":
         lines.append("  mechanism: torch.fx graph rewrite of the owner's forward (blocks as leaves, one graph per "
                      "input signature, traced at the first routed forward)")

@@ -125,7 +125,8 @@ def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[Any, list[
 
 
 def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, args: tuple, kwargs: dict,
-          constants: list[Any], tensors: list[torch.Tensor], in_spec: TreeSpec) -> TracedForward:
+          constants: list[Any], tensors: list[torch.Tensor], in_spec: TreeSpec,
+          after_stack: nn.Module | None = None) -> TracedForward:
     """Trace the owner's forward on this call and splice every route in. Raises on any mismatch."""
     call = _Call(stack.owner, forward, in_spec, constants)
     containers = {m for name, m in stack.owner.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))
@@ -138,6 +139,8 @@ def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, a
             node.meta["label"] = f"input {input_names[node.args[1]]}"
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
     boundaries = splice(module, stack, state)
+    if after_stack is not None:
+        splice_after_stack(module, stack, after_stack)
     for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
         node.meta.pop("concrete", None)
     return TracedForward(module, call, boundaries)
@@ -258,6 +261,35 @@ def splice(module: fx.GraphModule, stack: BlockStack, state: RoutingState) -> li
     graph.lint()
     module.recompile()
     return boundaries
+
+
+def splice_after_stack(module: fx.GraphModule, stack: BlockStack, after: nn.Module) -> None:
+    """Run ``after`` on the stream right after the last block (and after a route ending there), with the
+    last block's other arguments as they were before any route gathered them."""
+    graph = module.graph
+    last = _block_nodes(graph, stack)[-1]
+    spec, block = stack.specs[-1], stack.blocks[-1]
+    value = last if spec.stream_output is None else next(
+        u for u in last.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == spec.stream_output)
+    ends = [u for u in value.users if u.op == "call_module" and isinstance(module.get_submodule(u.target), RouteEnd)]
+    if ends:
+        end = ends[0]
+        position = end.args.index(value)
+        value = next(u for u in end.users if u.args[1] == position)
+    originals = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(module.get_submodule(node.target), RouteStart):
+            for user in node.users:
+                originals[user] = node.args[1 + user.args[1]]
+    bound = bind_arguments(block, last.args, dict(last.kwargs))
+    bound.pop(spec.stream)
+    others = {k: fx.node.map_arg(v, lambda n: originals.get(n, n)) for k, v in bound.items() if not k.startswith("*")}
+    module.add_submodule("after_stack", after)
+    with graph.inserting_after(value):
+        call = graph.call_module("after_stack", (value,), others)
+    value.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    graph.lint()
+    module.recompile()
 
 
 def _argument(node: fx.Node, block: nn.Module, name: str) -> Any:

@@ -19,8 +19,8 @@ from .stack import BlockStack
 class HookSplice:
     """Installs and removes the hooks; ``routing`` is set by the owner's forward for each call."""
 
-    def __init__(self, stack: BlockStack, state: RoutingState):
-        self.stack, self.state = stack, state
+    def __init__(self, stack: BlockStack, state: RoutingState, after_stack: nn.Module | None = None):
+        self.stack, self.state, self.after_stack = stack, state, after_stack
         self.routing = False
         self.handles: list[Any] = []
         self.made: list[dict[int, weakref.ref]] = [{} for _ in state.routes]  # outputs made inside each route
@@ -42,7 +42,7 @@ class HookSplice:
     def install(self) -> None:
         for position, block in enumerate(self.stack.blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(position), with_kwargs=True))
-            if position in self.route_of:
+            if position in self.route_of or (self.after_stack is not None and position == len(self.stack) - 1):
                 self.handles.append(block.register_forward_hook(self._post_hook(position), with_kwargs=True))
 
     def remove(self) -> None:
@@ -81,24 +81,32 @@ class HookSplice:
         return hook
 
     def _post_hook(self, position: int):
-        """Inside a route: remember the block's output (it may be kept as a skip); at its end: scatter."""
+        """Inside a route: remember the block's output (it may be kept as a skip); at its end: scatter;
+        after the last block: run the extension's added stack."""
         spec = self.stack.specs[position]
-        route = self.route_of[position]
-
-        last = self.state.routes[route].end == position
+        route = self.route_of.get(position)
+        last = route is not None and self.state.routes[route].end == position
+        final = self.after_stack is not None and position == len(self.stack) - 1
+        names = [p.name for p in forward_parameters(self.stack.blocks[position])
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.routing:
                 return None
             stream = output if spec.stream_output is None else output[spec.stream_output]
-            if not last:
+            if route is not None and not last:
                 self.made[route][id(stream)] = weakref.ref(stream)
                 return None
-            run = self.state.runs[route]
+            if last:
+                stream = scatter_value(self.state.runs[route], stream)
+            if final:
+                bound = bind_arguments(module, args, kwargs)
+                bound.pop(spec.stream)
+                stream = self.after_stack(stream, **bound)
             if spec.stream_output is None:
-                return scatter_value(run, output)
+                return stream
             out = list(output)
-            out[spec.stream_output] = scatter_value(run, out[spec.stream_output])
+            out[spec.stream_output] = stream
             return type(output)(out) if isinstance(output, tuple) else out
 
         return hook

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+from dataclasses import dataclass, field
 import inspect
 import types
 from typing import Any, Iterator, Sequence
@@ -21,16 +23,34 @@ ATTRIBUTE = "_tokenroute"
 MECHANISMS = ("auto", "fx", "hooks")
 
 
+@dataclass
+class Extension:
+    """What a method built on routing adds to the splice (masked training uses all of it).
+
+    fills: per route, what skipped tokens return as (None: their route-start values).
+    modules: submodules registered on the owner (saved with the model, removed by unwrap).
+    after_stack: run on the stream right after the last block, with the last block's other arguments.
+    always_splice: eval forwards run the splice too, with nothing dropped (needed with after_stack).
+    """
+
+    fills: list[Any] | None = None
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    after_stack: nn.Module | None = None
+    always_splice: bool = False
+    name: str = "routing"
+
+
 class Routing:
     """The wrap's record on the model: stack, state, splice, traced graphs and how to undo it all."""
 
-    def __init__(self, model: nn.Module, stack: BlockStack, state: RoutingState, mechanism: str):
-        self.model, self.stack, self.state = model, stack, state
+    def __init__(self, model: nn.Module, stack: BlockStack, state: RoutingState, mechanism: str,
+                 extension: Extension):
+        self.model, self.stack, self.state, self.extension = model, stack, state, extension
         self.requested = mechanism
         self.mechanism = "hooks" if mechanism == "hooks" else "fx"
         self.fallback_reason: str | None = None
         self.traced: dict[tuple, graph_splice.TracedForward] = {}
-        self.hooks = HookSplice(stack, state)
+        self.hooks = HookSplice(stack, state, extension.after_stack)
         owner = stack.owner
         self.had_instance_forward = "forward" in owner.__dict__
         self.original_forward = owner.__dict__.get("forward")
@@ -49,7 +69,14 @@ class Routing:
         routing = state.active(owner.training)
         state.begin_forward(routing)
         if not routing:
-            return self.call_original(*args, **kwargs)
+            if not self.extension.always_splice:
+                return self.call_original(*args, **kwargs)
+            with routing_override(state, ratios=[0.0] * len(state.routes)):  # the splice, nothing dropped
+                return self._spliced(args, kwargs)
+        return self._spliced(args, kwargs)
+
+    def _spliced(self, args: tuple, kwargs: dict) -> Any:
+        owner = self.stack.owner
         if self.mechanism == "fx":
             key, constants, tensors, spec = graph_splice.signature_key(owner.training, args, kwargs)
             traced = self.traced.get(key)
@@ -84,7 +111,8 @@ class Routing:
             # the trace runs the forward once, in the caller's grad mode (the forward may branch on it);
             # leave the caller's random streams as they were
             with torch.random.fork_rng(devices=cuda):
-                traced = graph_splice.trace(self.stack, function, self.state, args, kwargs, constants, tensors, spec)
+                traced = graph_splice.trace(self.stack, function, self.state, args, kwargs, constants, tensors, spec,
+                                            after_stack=self.extension.after_stack)
         except RouteError:
             raise
         except Exception as err:  # untraceable forward: fall back to hooks, with the same semantics
@@ -107,6 +135,8 @@ class Routing:
             owner.forward = self.original_forward
         else:
             del owner.forward
+        for name in self.extension.modules:
+            delattr(owner, name)
         for module in (self.model, owner):
             module.__dict__.pop(ATTRIBUTE, None)
 
@@ -120,6 +150,7 @@ def wrap(
     prefix_tokens: int | None = None,
     protect: torch.Tensor | Any = None,
     mechanism: str = "auto",
+    _extension: Extension | None = None,
 ) -> nn.Module:
     """Turn on TREAD token routing for ``model`` in place and return it.
 
@@ -150,8 +181,12 @@ def wrap(
         raise RouteError(f"prefix_tokens {prefix_tokens!r} must be a non-negative integer")
     if protect is not None and not (callable(protect) or isinstance(protect, torch.Tensor)):
         raise RouteError("protect must be a bool tensor (N,) or (B, N), or a callable returning one")
-    state = RoutingState(resolved, seed=seed, prefix_tokens=prefix_tokens, protect=protect)
-    record = Routing(model, stack, state, mechanism)
+    extension = _extension or Extension()
+    taken = [name for name in extension.modules if hasattr(stack.owner, name)]
+    if taken:
+        raise RouteError(f"{type(stack.owner).__name__} already has an attribute {taken[0]!r}")
+    state = RoutingState(resolved, seed=seed, prefix_tokens=prefix_tokens, protect=protect, fills=extension.fills)
+    record = Routing(model, stack, state, mechanism, extension)
 
     owner = stack.owner
     signature_source = record.original_forward or types.MethodType(type(owner).forward, owner)
@@ -163,6 +198,8 @@ def wrap(
     routed_forward.__signature__ = inspect.signature(signature_source)
     routed_forward.__tokenroute__ = True
     owner.forward = types.MethodType(routed_forward, owner)
+    for name, module in extension.modules.items():
+        owner.add_module(name, module)
     if mechanism == "hooks":
         record.hooks.install()
     object.__setattr__(model, ATTRIBUTE, record)
@@ -194,19 +231,8 @@ def routing_masks(model: nn.Module) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, *, ratio: float | Sequence[float] | None = None,
-            enabled: bool | None = None) -> Iterator[None]:
-    """Override routing for the calls inside the block: ``enabled=True`` routes in eval mode too (routing
-    guidance at sampling), ``False`` never routes, ``ratio`` replaces every route's ratio (a float, or
-    one per route)."""
-    state = _record(model).state
-    if ratio is not None:
-        ratios = [ratio] * len(state.routes) if isinstance(ratio, (int, float)) else list(ratio)
-        if len(ratios) != len(state.routes):
-            raise RouteError(f"{len(ratios)} ratios given for {len(state.routes)} routes")
-        ratios = [check_ratio(r) for r in ratios]
-    else:
-        ratios = None
+def routing_override(state: RoutingState, *, ratios: list[float] | None = None,
+                     enabled: bool | None = None) -> Iterator[None]:
     saved = state.force, state.ratio_override
     state.force = enabled if enabled is not None else state.force
     state.ratio_override = ratios if ratios is not None else state.ratio_override
@@ -214,6 +240,29 @@ def routing(model: nn.Module, *, ratio: float | Sequence[float] | None = None,
         yield
     finally:
         state.force, state.ratio_override = saved
+
+
+def _ratios(state: RoutingState, ratio: float | Sequence[float]) -> list[float]:
+    ratios = [ratio] * len(state.routes) if isinstance(ratio, (int, float)) else list(ratio)
+    if len(ratios) != len(state.routes):
+        raise RouteError(f"{len(ratios)} ratios given for {len(state.routes)} routes")
+    return [check_ratio(r) for r in ratios]
+
+
+def routing(model: nn.Module, *, ratio: float | Sequence[float] | None = None,
+            enabled: bool | None = None) -> contextlib.AbstractContextManager[None]:
+    """Override routing for the calls inside the block: ``enabled=True`` routes in eval mode too (routing
+    guidance at sampling), ``False`` never routes, ``ratio`` replaces every route's ratio (a float, or
+    one per route)."""
+    state = _record(model).state
+    return routing_override(state, ratios=None if ratio is None else _ratios(state, ratio), enabled=enabled)
+
+
+def set_ratio(model: nn.Module, ratio: float | Sequence[float]) -> None:
+    """Change every route's ratio (a float, or one per route) from now on; e.g. 0.0 to finish masked
+    training unmasked (MaskDiT's unmasking tuning) or to anneal TREAD's ratio with a schedule."""
+    state = _record(model).state
+    state.routes = [dataclasses.replace(r, ratio=q) for r, q in zip(state.routes, _ratios(state, ratio))]
 
 
 def routing_state_dict(model: nn.Module) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Methods built on the routing core, one file each."""
