@@ -9,6 +9,7 @@ over repetitions:
   wrapped_off  tokenroute.wrap applied, routing switched off (tokenroute.routing(model, enabled=False))
   routed       tokenroute.wrap with the paper's routes
   handwritten  TREAD written by hand in the model's forward loop, same routes (benchmarks/handwritten.py)
+  masked       MaskDiT (tokenroute.mask, half the tokens dropped, a 2-block decoder) on a copy of the model
 
     python benchmarks/throughput.py                 # GPU: DiT-B/2, DiT-XL/2, U-ViT-M/2, Mamba-B/2
     python benchmarks/throughput.py --compile       # the same under torch.compile
@@ -18,6 +19,7 @@ over repetitions:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,7 @@ SMOKE_CONFIGS = [
     Config("U-ViT-tiny", lambda: UViT(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=7, num_heads=4), 8, [(1, 5, 0.5)]),
     Config("Mamba-tiny", lambda: DiffusionMamba(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=6, headdim=32), 8, [(1, 4, 0.5)]),
 ]
-VARIANTS = ["unwrapped", "wrapped_off", "routed", "handwritten"]
+VARIANTS = ["unwrapped", "wrapped_off", "routed", "handwritten", "masked"]
 
 
 def forwards(model: torch.nn.Module, routes, compile_: bool) -> dict[str, Callable[..., torch.Tensor]]:
@@ -93,19 +95,29 @@ def step_flops(forward, inputs) -> int:
 def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: int, compile_: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model = config.build().to(device).train()
+    masked = copy.deepcopy(model)
     tokenroute.wrap(model, config.routes, seed=0)
+    decoder = 2 if isinstance(masked, UViT) else tokenroute.Decoder(depth=2)  # U-ViT: its last 2 blocks decode
+    tokenroute.mask(masked, 0.5, decoder=decoder, seed=0)
+    masked.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    masked_optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-4)
     c, h = model.in_channels, model.x_embedder.img_size[0] if hasattr(model, "x_embedder") else model.patch_embed.img_size[0]
     inputs = (torch.randn(config.batch, c, h, h, device=device), torch.rand(config.batch, device=device) * 1000,
               torch.randint(0, model.num_classes, (config.batch,), device=device))
     fns = forwards(model, config.routes, compile_)
+    fns["masked"] = torch.compile(masked) if compile_ else masked
     autocast = device.type == "cuda"
-    steps_fn = {k: make_step(f, optimizer, inputs, autocast) for k, f in fns.items()}
+    steps_fn = {k: make_step(f, masked_optimizer if k == "masked" else optimizer, inputs, autocast)
+                for k, f in fns.items()}
 
     eager = forwards(model, config.routes, False)
+    eager["masked"] = masked
     eager["routed"](*inputs)  # the first routed forward traces the graph: keep it out of the counts
+    masked(*inputs)
     flops = {k: step_flops(eager[k], inputs) for k in VARIANTS}
     model.zero_grad(set_to_none=True)
+    masked.zero_grad(set_to_none=True)
 
     for fn in steps_fn.values():  # warm-up (compilation, autotuning, allocator)
         for _ in range(warmup):
@@ -136,8 +148,10 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         "routed_over_handwritten_time": ms["routed"] / ms["handwritten"],
         "wrapped_off_over_unwrapped_time": ms["wrapped_off"] / ms["unwrapped"],
         "handwritten_speedup": ms["unwrapped"] / ms["handwritten"],
+        "masked_ideal_speedup": flops["unwrapped"] / flops["masked"],
+        "masked_speedup": ms["unwrapped"] / ms["masked"],
     }
-    del model, optimizer, fns, steps_fn, eager
+    del model, masked, optimizer, masked_optimizer, fns, steps_fn, eager
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -210,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                   + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
                   + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
                   f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
-                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}", flush=True)
+                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}; masked {r['masked_speedup']:.2f}x "
+                  f"(ideal {r['masked_ideal_speedup']:.2f}x)", flush=True)
     plot(payload["results"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
