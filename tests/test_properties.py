@@ -294,3 +294,15 @@ def test_routing_state_dict_resumes_masks():
     tokenroute.load_routing_state_dict(resumed, saved)
     run(resumed, inputs)
     assert torch.equal(tokenroute.routing_masks(resumed)[0], expected)
+
+
+def test_deep_copy_after_a_training_step_routes_itself():
+    """An EMA copy made from a wrapped model after training steps routes with its own state."""
+    model = tokenroute.wrap(make_backbone("dit"), [(1, 3, 0.5)], seed=0)
+    inputs = backbone_inputs(2)
+    run(model, inputs).square().mean().backward()
+    twin = copy.deepcopy(model)
+    run(twin, inputs)
+    assert tokenroute.routing_masks(twin)[0].shape == (2, 16)
+    twin_record, record = twin.__dict__["_tokenroute"], model.__dict__["_tokenroute"]
+    assert twin_record is not record and twin_record.stack.owner is twin

@@ -24,8 +24,8 @@ class RouteRun:
     """One route's state during one forward."""
 
     keep: torch.Tensor  # (B, K) kept routable tokens, ascending
-    index: torch.Tensor  # (B, P + K) kept positions in the stream, prefix tokens included
-    base: torch.Tensor  # what skipped tokens come back as: the route-start stream (TREAD), or a fill
+    index: torch.Tensor | None  # (B, P + K) kept positions in the stream, prefix tokens included
+    base: torch.Tensor | None  # what skipped tokens come back as: the route-start stream (TREAD), or a fill
     length: int  # L, full stream length
     kept_length: int  # P + K
     num_tokens: int  # N routable tokens
@@ -83,6 +83,12 @@ class RoutingState:
         run = RouteRun(keep, index, base, length, prefix + num_keep, num_tokens)
         self.runs[i] = run
         return run
+
+    def end_forward(self) -> None:
+        """Keep only what routing_masks needs: the route-start tensors would pin activations and make
+        the model impossible to deep-copy (an EMA copy) while they hang on to the autograd graph."""
+        self.runs = [None if run is None else RouteRun(run.keep.detach(), None, None, run.length, run.kept_length,
+                                                       run.num_tokens) for run in self.runs]
 
     def masks(self) -> list[torch.Tensor]:
         """(B, N) per route, True where the token skipped the route."""

@@ -68,12 +68,15 @@ class Routing:
         owner, state = self.stack.owner, self.state
         routing = state.active(owner.training)
         state.begin_forward(routing)
-        if not routing:
-            if not self.extension.always_splice:
-                return self.call_original(*args, **kwargs)
+        if not routing and not self.extension.always_splice:
+            return self.call_original(*args, **kwargs)
+        try:
+            if routing:
+                return self._spliced(args, kwargs)
             with routing_override(state, ratios=[0.0] * len(state.routes)):  # the splice, nothing dropped
                 return self._spliced(args, kwargs)
-        return self._spliced(args, kwargs)
+        finally:
+            state.end_forward()
 
     def _spliced(self, args: tuple, kwargs: dict) -> Any:
         owner = self.stack.owner

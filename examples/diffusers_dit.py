@@ -1,0 +1,211 @@
+"""Train diffusers' DiTTransformer2DModel on Fashion-MNIST pixels, in the style of diffusers' example scripts.
+
+    python examples/diffusers_dit.py --max-steps 2000                         # plain DiT
+    python examples/diffusers_dit.py --max-steps 2000 --routes 1:2:0.5        # TREAD: the wrap line below
+    accelerate launch examples/diffusers_dit.py --routes 1:2:0.5
+
+Epsilon prediction with a DDPMScheduler, Accelerate for devices and mixed precision, an EMA of the weights,
+DDIM sampling with classifier-free guidance at the end. Writes to --output: transformer/ and scheduler/ (save_pretrained;
+`DiTTransformer2DModel.from_pretrained(OUTPUT / "transformer")` loads it, routed or not), samples.png,
+loss.csv, loss.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (examples/common.py)
+
+import tokenroute  # noqa: E402
+from tokenroute.losses import EpsilonPrediction, combine  # noqa: E402
+from tokenroute.sampling import guided_prediction  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffusers_dit.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # defaults in --help
+    p.add_argument("--routes", type=common.parse_routes, default=None, metavar="START:END:RATIO[,...]",
+                   help="TREAD routes over transformer_blocks (END inclusive); default: none")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--output", default="outputs/diffusers-dit")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW; 1e-3 suits this tiny model")
+    p.add_argument("--lr-warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (warmed up); 0 = off")
+    p.add_argument("--loss-mode", default="all", choices=tokenroute.losses.MODES)
+    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--attention-head-dim", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=4, choices=(2, 4))
+    p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR)
+    p.add_argument("--no-download", action="store_true", help="never fall back to torchvision's download")
+    p.add_argument("--num-inference-steps", type=int, default=25, help="DDIM steps at sampling")
+    p.add_argument("--samples-per-class", type=int, default=8)
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--guidance-routing", action="store_true", help="TREAD's routing guidance too (needs --routes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("max_steps", "batch_size", "num_layers", "num_attention_heads", "attention_head_dim",
+                 "num_inference_steps", "samples_per_class", "log_every"):
+        if getattr(args, name) < (0 if name == "max_steps" else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    try:
+        data_folder = common.locate_fashion_mnist(args.data_dir, download=not args.no_download)
+    except common.DataError as err:
+        raise SystemExit(f"diffusers_dit.py: error: {err}") from None
+
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+    from diffusers.optimization import get_scheduler
+
+    torch.manual_seed(args.seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=args.num_attention_heads, attention_head_dim=args.attention_head_dim,
+        in_channels=1, out_channels=1, num_layers=args.num_layers, sample_size=common.IMAGE_SIZE,
+        patch_size=args.patch_size, num_embeds_ada_norm=common.NUM_CLASSES, norm_num_groups=1,
+    )  # its label embedding drops 10% of the labels in training (label 10 = unconditional)
+    ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None  # like diffusers' EMAModel
+    routes = common.tread_routes(args.num_layers) if args.routes == "tread" else args.routes
+    if routes:
+        try:
+            model = tokenroute.wrap(model, routes=routes, seed=args.seed)  # <- the only change that enables TREAD
+        except tokenroute.RouteError as err:
+            raise SystemExit(f"diffusers_dit.py: error: --routes {common.format_routes(routes)}: {err}") from None
+
+    accelerator = Accelerator(mixed_precision=common.mixed_precision(args.mixed_precision),
+                              cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if accelerator.is_main_process and not args.quiet \
+        else (lambda text: None)
+
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    objective = EpsilonPrediction(noise_scheduler)  # tokenroute.losses: per-token epsilon loss
+
+    images, labels = common.load_fashion_mnist(data_folder, download=False)
+    images, labels = common.pad_images(images).to(device), labels.to(device)
+    batches = common.StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * world)
+    net = model
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.module.to(device)
+    out_dir = Path(args.output)
+    loss_log = common.LossLog(out_dir / "loss.csv")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        loss_log.start()
+    say(f"DiTTransformer2DModel: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+        f"{args.num_layers} blocks, {(common.IMAGE_SIZE // args.patch_size) ** 2} tokens, routes "
+        f"{common.format_routes(routes)}, {world} process(es) on {device}")
+
+    progress = common.Progress(args.max_steps, 0, enabled=accelerator.is_main_process and not args.quiet,
+                               every=max(args.log_every, args.max_steps // 20))
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    last_loss = float("nan")
+    model.train()
+    loop_start = time.perf_counter()
+    for step in range(args.max_steps):
+        idx = batches.indices(step).to(device)
+        clean_images, class_labels = common.to_model_range(images[idx]), labels[idx]
+
+        generator = common.step_generator(args.seed, step, rank, device)
+        batch = objective.prepare(clean_images, generator=generator)  # noise, timesteps, noisy images, target
+        model_pred = objective.predict(model, batch, class_labels=class_labels)
+        per_token = objective.per_token_loss(model_pred.float(), batch, args.patch_size)
+        masks = tokenroute.routing_masks(net) if routes else []
+        loss, parts = combine(per_token, masks, mode=args.loss_mode)
+
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(net, step)
+
+        rows.append((step + 1, loss.detach(), common.mask_checksum(masks)))
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            values = accelerator.gather(torch.stack([r[1] for r in rows])[None]).float().mean(0).tolist()
+            if accelerator.is_main_process:
+                loss_log.append({"step": s, "epoch": batches.epoch(s - 1), "loss": repr(v), "denoise": repr(v),
+                                 "lr": repr(lr_scheduler.get_last_lr()[0]), "mask_checksum": int(c)}
+                                for (s, _, c), v in zip(rows, values))
+            last_loss = values[-1]
+            rows.clear()
+            elapsed = time.perf_counter() - loop_start
+            progress.set(loss=last_loss, img_s=(step + 1) * args.batch_size * world / max(elapsed, 1e-9))
+        progress.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - loop_start
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        transformer = accelerator.unwrap_model(model)
+        if ema is not None:  # as diffusers' scripts do: save and sample the EMA weights
+            transformer.load_state_dict(ema.state_dict())
+        transformer.save_pretrained(out_dir / "transformer")  # routed or not: the plain model's weights and config
+        noise_scheduler.save_pretrained(out_dir / "scheduler")
+
+        # Sampling: a diffusers scheduler loop; eval mode runs the full model (no routing).
+        transformer.eval()
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+        scheduler.set_timesteps(args.num_inference_steps, device=device)
+        y = common.class_labels(args.samples_per_class, device)
+        x = torch.randn(len(y), 1, common.IMAGE_SIZE, common.IMAGE_SIZE,
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+        routing = (0.3, 0.7, 1.5) if args.guidance_routing and routes else None
+        with torch.no_grad(), accelerator.autocast():
+            for t in scheduler.timesteps:
+                eps = guided_prediction(transformer, x, t, y, null_label=common.NUM_CLASSES, cfg_scale=args.cfg_scale,
+                                        routing=routing)
+                x = scheduler.step(eps.float(), t, x).prev_sample
+        samples_path = common.save_grid(x.clamp(-1, 1).cpu(), out_dir / "samples.png", nrow=args.samples_per_class)
+        loss_png = common.save_loss_plot(out_dir / "loss.csv", out_dir / "loss.png",
+                                         f"DiTTransformer2DModel, routes {common.format_routes(routes)}")
+        images_run = args.max_steps * args.batch_size * world
+        summary = {
+            "steps": args.max_steps, "images_per_s": images_run / train_time if args.max_steps else 0.0,
+            "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start, "final_loss": last_loss,
+            "routes": [list(r) for r in routes] if routes else [],
+            "model": {"class": "DiTTransformer2DModel", "config": dict(transformer.config),
+                      "parameters": sum(p.numel() for p in transformer.parameters())},
+            "config": {**vars(args), "routes": common.format_routes(routes)}, "device": str(device),
+            "world_size": world, "mixed_precision": accelerator.mixed_precision, "torch_version": torch.__version__,
+            "environment": common.environment(),
+            "outputs": {"transformer": str(out_dir / "transformer"), "scheduler": str(out_dir / "scheduler"),
+                        "samples": str(samples_path), "loss_csv": str(out_dir / "loss.csv"),
+                        "loss_png": str(loss_png) if loss_png else None},
+        }
+        common.write_json(summary, out_dir / "summary.json")
+        say(f"done: {args.max_steps} steps, {summary['images_per_s']:.1f} images/s, loss {last_loss:.4f}; "
+            f"outputs in {out_dir}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

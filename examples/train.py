@@ -1,0 +1,421 @@
+"""Train a class-conditional diffusion backbone on Fashion-MNIST, with or without TREAD token routing.
+
+    python examples/train.py --backbone dit --preset tiny --max-steps 300                      # baseline
+    python examples/train.py --backbone dit --preset tiny --max-steps 300 --routes 1:4:0.5     # TREAD
+    accelerate launch --num_processes 2 examples/train.py --backbone dit --preset small --routes 2:8:0.5
+
+The routed and the baseline run differ in one line, `tokenroute.wrap(...)` below. Writes to --output:
+samples.png, summary.json, loss.csv, loss.png, samples/step_*.png and checkpoints/step_*/ (model.safetensors
+and ema.safetensors, which load into the plain backbone, plus the training state for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (examples/common.py)
+
+import tokenroute  # noqa: E402
+
+SAMPLE_STEPS = {"edm": 18, "flow": 32, "eps": 32}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def guidance_params(text: str) -> tuple[float, float, float]:
+    try:
+        g1, g2, w = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be G1:G2:W, e.g. 0.3:0.7:1.5") from None
+    if not 0 <= g1 < g2 < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: routing guidance needs 0 <= G1 < G2 < 1")
+    return g1, g2, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", required=True, choices=common.BACKBONE_NAMES, help="repo backbone to train")
+    p.add_argument("--preset", default="tiny", choices=common.PRESET_NAMES,
+                   help="tiny: CPU smoke (hidden 64, patch 4, 64 tokens); small: ~DiT-S/2; base: ~DiT-B/2 "
+                        "(patch 2, 256 tokens). Default: %(default)s")
+    p.add_argument("--routes", type=common.parse_routes, default=None, metavar="START:END:RATIO[,...]",
+                   help="TREAD routes: END inclusive, RATIO = fraction of tokens that skip (write "
+                        "--routes=-4:-2:0.5 for negative indices); 'tread' for (2, depth-4, 0.5). Default: none")
+    p.add_argument("--mask", type=float, default=None, metavar="RATIO",
+                   help="MaskDiT masked training: drop this fraction of the tokens (use --loss-mode visible)")
+    p.add_argument("--decoder", type=positive_int, default=2, help="with --mask: decoder blocks; default: 2")
+    p.add_argument("--mae-weight", type=float, default=0.1, help="with --mask: MAE term weight; default: 0.1")
+    p.add_argument("--unmask-steps", type=non_negative_int, default=0,
+                   help="with --mask: train the last N steps unmasked (MaskDiT's unmasking tuning)")
+    p.add_argument("--max-steps", type=non_negative_int, default=10_000, help="default: %(default)s")
+    p.add_argument("--output", default=None, help="default: outputs/BACKBONE-PRESET-ROUTES")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="per process; default: 32 (tiny), 128 (small, base)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW; default: 1e-3 (tiny), 1e-4 (small, base)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="default: %(default)s")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear lr warm-up; default: 0")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; default: 0 (off)")
+    p.add_argument("--loss-mode", default="all", choices=tokenroute.losses.MODES,
+                   help="tokenroute.losses.combine mode: 'all' tokens (TREAD's code), per-'routes' means "
+                        "(TREAD's first release), 'visible' (MaskDiT). Default: %(default)s")
+    p.add_argument("--objective", default="edm", choices=("edm", "flow", "eps"),
+                   help="EDM (Heun sampler), rectified flow (Euler), DDPM epsilon (DDIM; needs diffusers). "
+                        "Default: %(default)s")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="for classifier-free guidance; default: 0.1")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="at most; warmed up as (1 + step) / (10 + step). Default: %(default)s")
+    p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR,
+                   help="Fashion-MNIST's idx .gz files; default: %(default)s")
+    p.add_argument("--no-download", action="store_true", help="never fall back to torchvision's download")
+    p.add_argument("--sample-every", type=non_negative_int, default=1000,
+                   help="steps between sample grids; 0 = only at the end. Default: %(default)s")
+    p.add_argument("--ckpt-every", type=non_negative_int, default=1000,
+                   help="steps between checkpoints; 0 = only at the end. Default: %(default)s")
+    p.add_argument("--keep-checkpoints", type=non_negative_int, default=2, help="0 = all; default: %(default)s")
+    p.add_argument("--samples-per-class", type=positive_int, default=8, help="grid columns; default: %(default)s")
+    p.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="sampler steps; default: 18 (edm, Heun), 32 (flow, eps)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance; default: %(default)s")
+    p.add_argument("--guidance-routing", action="store_true",
+                   help="also TREAD's routing guidance at sampling (needs --routes)")
+    p.add_argument("--guidance-routing-params", type=guidance_params, default=(0.3, 0.7, 1.5), metavar="G1:G2:W",
+                   help="default: 0.3:0.7:1.5")
+    p.add_argument("--seed", type=int, default=0, help="weights, data order, noise and routing; default: 0")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                   help="auto: what accelerate launch was configured with, else bf16 on a GPU that has it, "
+                        "else no. Default: auto")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between loss.csv writes; default: 10")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    defaults = common.PRESET_DEFAULTS[args.preset]
+    args.batch_size = args.batch_size or defaults["batch_size"]
+    args.lr = args.lr if args.lr is not None else defaults["lr"]
+    args.sample_steps = args.sample_steps or SAMPLE_STEPS[args.objective]
+    if not 0 <= args.label_dropout < 1:
+        parser.error(f"--label-dropout {args.label_dropout} must be in [0, 1)")
+
+    # --- checks before any work: data present, routes valid for this backbone -------------------------
+    try:
+        data_folder = common.locate_fashion_mnist(args.data_dir, download=not args.no_download)
+    except common.DataError as err:
+        raise SystemExit(f"train.py: error: {err}") from None
+    task = common.make_task(args.objective)
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank and every run with this seed
+    model = common.build_model(args.backbone, args.preset)
+    depth = common.stack_depth(model)
+    routes = common.tread_routes(depth) if args.routes == "tread" else args.routes
+    ema = common.EMA(model, decay=args.ema_decay)  # a plain copy of the backbone, made before routing
+
+    if routes and args.mask is None:
+        try:
+            model = tokenroute.wrap(model, routes=routes, seed=args.seed)  # <- the one line that enables TREAD
+        except tokenroute.RouteError as err:
+            raise SystemExit(f"train.py: error: --routes {common.format_routes(routes)}: {err} "
+                             f"(the {args.preset} {args.backbone} has {depth} blocks, 0..{depth - 1})") from None
+    if args.mask is not None:  # MaskDiT: drop --mask of the tokens, the last --decoder blocks decode
+        try:
+            model = tokenroute.mask(model, args.mask, decoder=args.decoder, routes=routes or (), seed=args.seed)
+        except tokenroute.RouteError as err:
+            raise SystemExit(f"train.py: error: --mask {args.mask} --decoder {args.decoder}: {err}") from None
+    routed = tokenroute.is_wrapped(model)
+    rg = args.guidance_routing_params if args.guidance_routing and routes else None
+    if rg is not None:  # routing guidance at sampling routes the EMA copy: it gets the same routes
+        tokenroute.wrap(ema.module, routes=routes, seed=args.seed + 1)
+
+    output = Path(args.output or f"outputs/{args.backbone}-{args.preset}-{common.format_routes(routes)}")
+
+    # --- accelerate: devices, processes, mixed precision -----------------------------------------------
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast
+
+    accelerator = Accelerator(mixed_precision=common.mixed_precision(args.mixed_precision),
+                              cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main_process = accelerator.is_main_process
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if main_process and not args.quiet else \
+        (lambda text: None)
+    if args.guidance_routing and not routes:
+        say("--guidance-routing has no effect without --routes")
+
+    images, labels = common.load_fashion_mnist(data_folder, download=False)
+    images = common.pad_images(images).to(device)
+    labels = labels.to(device)
+    batches = common.StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
+
+    net = model  # the backbone itself; `model` becomes its DDP/autocast wrapper after prepare
+    objective, patch_size, null_label = task.objective, net.patch_size, net.num_classes
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    warmup = args.warmup_steps
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per step, by hand
+    ema.module.to(device)
+
+    # --- resume ---------------------------------------------------------------------------------------
+    loss_log = common.LossLog(output / "loss.csv")
+    start_step = 0
+    checkpoint = common.latest_checkpoint(output) if args.resume else None
+    if args.resume and checkpoint is None:
+        say(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
+        saved = state["args"]
+        for key in ("backbone", "preset", "objective"):
+            if saved[key] != getattr(args, key):
+                raise SystemExit(f"train.py: error: --resume: {checkpoint} was trained with --{key} {saved[key]}, "
+                                 f"not {getattr(args, key)}")
+        if saved["routes"] != common.format_routes(routes):
+            raise SystemExit(f"train.py: error: --resume: {checkpoint} was trained with --routes {saved['routes']}, "
+                             f"not {common.format_routes(routes)}")
+        for key in ("batch_size", "seed", "lr", "loss_mode"):
+            if saved[key] != getattr(args, key):
+                say(f"--resume: --{key.replace('_', '-')} changed from {saved[key]} to {getattr(args, key)}")
+        net.load_state_dict(common.load_weights(checkpoint / "model.safetensors"))
+        ema.load_state_dict(common.load_weights(checkpoint / "ema.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        rank_file = checkpoint / f"rank{rank}.pt"
+        if state.get("world_size") != world or not rank_file.exists():
+            say(f"--resume: saved with {state.get('world_size')} process(es), now {world}: routing masks and data "
+                "order continue from new seeds")
+        else:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            if routed and rank_state["routing"]:
+                tokenroute.load_routing_state_dict(net, rank_state["routing"])
+            if rg is not None and rank_state.get("ema_routing"):
+                tokenroute.load_routing_state_dict(ema.module, rank_state["ema_routing"])
+            torch.set_rng_state(rank_state["torch_rng"])
+            if rank_state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rank_state["cuda_rng"])
+        start_step = int(state["step"])
+        if main_process:
+            loss_log.truncate(start_step)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    elif main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        loss_log.start()
+
+    # --- helpers that need the run's state ------------------------------------------------------------
+    pending: list[tuple[int, int, torch.Tensor, torch.Tensor, float]] = []  # step, epoch, (loss, denoise), checksum, lr
+    last_loss = [float("nan")]
+    overhead = [0.0]  # seconds spent sampling and checkpointing, not training
+
+    def flush() -> None:
+        """Write the pending steps' losses (averaged over processes) to loss.csv: one sync per call."""
+        if not pending:
+            return
+        values = accelerator.gather(torch.stack([p[2] for p in pending])[None]).float().mean(0).tolist()
+        checksums = torch.stack([p[3] for p in pending]).tolist()
+        if main_process:
+            loss_log.append({"step": s + 1, "epoch": e, "loss": repr(v[0]), "denoise": repr(v[1]), "lr": repr(lr),
+                             "mask_checksum": c} for (s, e, _, _, lr), v, c in zip(pending, values, checksums))
+        last_loss[0] = values[-1][0]
+        pending.clear()
+
+    def sample(path: Path) -> Path | None:
+        accelerator.wait_for_everyone()
+        t0 = time.perf_counter()
+        written = None
+        if main_process:
+            imgs = common.sample_images(ema.module, task, samples_per_class=args.samples_per_class,
+                                        steps=args.sample_steps, cfg_scale=args.cfg_scale, routing=rg,
+                                        seed=args.seed, device=device, autocast=accelerator.autocast)
+            written = common.save_grid(imgs, path, nrow=args.samples_per_class)
+        accelerator.wait_for_everyone()
+        overhead[0] += time.perf_counter() - t0
+        return written
+
+    def save_checkpoint(step: int) -> Path:
+        flush()
+        accelerator.wait_for_everyone()
+        t0 = time.perf_counter()
+        final = output / "checkpoints" / f"step_{step:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save({"routing": tokenroute.routing_state_dict(net) if routed else None,
+                    "ema_routing": tokenroute.routing_state_dict(ema.module) if rg is not None else None,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / f"rank{rank}.pt")
+        if main_process:
+            meta = {"backbone": args.backbone, "preset": args.preset, "step": str(step)}
+            common.save_weights(net.state_dict(), tmp / "model.safetensors", meta)
+            common.save_weights(ema.state_dict(), tmp / "ema.safetensors", meta)
+            common.write_json({"backbone": args.backbone, "preset": args.preset,
+                               "model_config": common.model_config(args.backbone, args.preset),
+                               "routes": common.format_routes(routes), "objective": args.objective, "step": step},
+                              tmp / "config.json")
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                        "args": {**vars(args), "routes": common.format_routes(routes)}, "world_size": world},
+                       tmp / "training_state.pt")
+        accelerator.wait_for_everyone()
+        if main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            common.prune_checkpoints(output, args.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        overhead[0] += time.perf_counter() - t0
+        return final
+
+    say(f"{args.backbone}/{args.preset}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+        f"{depth} blocks, {common.num_tokens(net)} tokens, routes {common.format_routes(routes)}, "
+        f"objective {args.objective}, {world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
+        f"global batch {args.batch_size * world}, {len(images)} images")
+
+    # --- training loop ----------------------------------------------------------------------------------
+    progress = common.Progress(args.max_steps, start_step, enabled=main_process and not args.quiet,
+                               every=max(args.log_every, (args.max_steps - start_step) // 20))
+    first_checksums = None
+    first_step_s = None
+    stopped_by = "max_steps"
+    last_checkpoint = checkpoint
+    model.train()
+    loop_start = time.perf_counter()
+    step = start_step
+    while step < args.max_steps:
+        t_step = time.perf_counter()
+        idx = batches.indices(step).to(device)
+        x0 = common.to_model_range(images[idx])
+        y = labels[idx]
+        g = common.step_generator(args.seed, step, rank, device)
+        drop = torch.rand(y.shape, generator=g, device=device) < args.label_dropout
+        y = torch.where(drop, torch.full_like(y, null_label), y)  # label dropout: the null label is num_classes
+
+        batch = objective.prepare(x0, generator=g)
+        prediction = objective.predict(task.backbone_fn(model), batch, y)
+        per_token = objective.per_token_loss(prediction.float(), batch, patch_size)
+        if args.mask is not None and args.unmask_steps and step == args.max_steps - args.unmask_steps:
+            tokenroute.set_ratio(net, [0.0] + [r[2] for r in routes or ()])  # MaskDiT's unmasking tuning
+        masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
+        extra = {}
+        if args.mask is not None:  # MaskDiT's MAE term on the dropped tokens, target: the normalised noisy input
+            extra = dict(mae=tokenroute.losses.mae_loss(
+                tokenroute.losses.patchify_pixels(prediction.float(), patch_size),
+                tokenroute.losses.mae_target(batch.model_input.float(), patch_size)), mae_weight=args.mae_weight)
+        loss, parts = tokenroute.losses.combine(per_token, masks, mode=args.loss_mode, **extra)
+
+        accelerator.backward(loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(net, step)
+
+        checksum = common.mask_checksum(masks).to(device)
+        if first_checksums is None:  # one number per rank: ranks route different tokens
+            first_checksums = accelerator.gather(checksum[None]).tolist()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t_step
+        pending.append((step, batches.epoch(step), torch.stack([parts["total"], parts["denoise"]]).float(),
+                        checksum, lr))
+        step += 1
+        if step % args.log_every == 0 or step == args.max_steps:
+            flush()
+            elapsed = time.perf_counter() - loop_start - overhead[0]
+            progress.set(loss=last_loss[0], img_s=(step - start_step) * args.batch_size * world / max(elapsed, 1e-9))
+        progress.update()
+        if args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
+            flush()
+            path = sample(output / "samples" / f"step_{step:07d}.png")
+            if path:
+                progress.write(f"step {step}: samples in {path}")
+        if args.ckpt_every and step % args.ckpt_every == 0:
+            last_checkpoint = save_checkpoint(step)
+        if args.time_budget is not None:
+            over = torch.tensor([float(time.perf_counter() - t_start >= args.time_budget)], device=device)
+            if world > 1:
+                over = broadcast(over)
+            if over.item() > 0 and step < args.max_steps:
+                stopped_by = "time_budget"
+                break
+    flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    loop_s = time.perf_counter() - loop_start - overhead[0]
+    progress.close()
+
+    # --- the end: checkpoint, samples, loss plot, summary -------------------------------------------------
+    if last_checkpoint is None or last_checkpoint.name != f"step_{step:07d}":
+        last_checkpoint = save_checkpoint(step)
+    samples_path = sample(output / "samples.png")
+    summary: dict[str, Any] = {}
+    if main_process:
+        title = (f"{args.backbone}/{args.preset}, routes {common.format_routes(routes)}, {args.objective}, "
+                 f"batch {args.batch_size * world}")
+        loss_png = common.save_loss_plot(output / "loss.csv", output / "loss.png", title)
+        rows = loss_log.read()
+        losses = [float(r["loss"]) for r in rows]
+        tail = losses[-max(1, len(losses) // 10):] if losses else []
+        steps_run = step - start_step
+        images_run = steps_run * args.batch_size * world
+        summary = {
+            "steps": step, "start_step": start_step, "steps_this_run": steps_run, "max_steps": args.max_steps,
+            "stopped_by": stopped_by, "images_seen": step * args.batch_size * world, "images_this_run": images_run,
+            "images_per_s": images_run / loop_s if steps_run else 0.0,
+            "images_per_s_after_first_step": (images_run - args.batch_size * world) / (loop_s - first_step_s)
+            if steps_run > 1 and first_step_s is not None and loop_s > first_step_s else None,
+            "step_time_ms": 1000 * loop_s / steps_run if steps_run else None,
+            "first_step_s": first_step_s, "train_time_s": loop_s, "wall_time_s": time.perf_counter() - t_start,
+            "final_loss": losses[-1] if losses else None,
+            "final_loss_mean": sum(tail) / len(tail) if tail else None,
+            "epoch": batches.epoch(max(step - 1, 0)),
+            "routes": [list(r) for r in routes] if routes else [],
+            "first_step_mask_checksums": first_checksums,
+            "model": {"backbone": args.backbone, "preset": args.preset, "class": type(net).__name__,
+                      "config": common.model_config(args.backbone, args.preset),
+                      "parameters": sum(p.numel() for p in net.parameters()), "depth": depth,
+                      "tokens": common.num_tokens(net)},
+            "data": {"dir": str(data_folder), "images": len(images), "classes": common.NUM_CLASSES},
+            "config": {**vars(args), "routes": common.format_routes(routes)},
+            "device": str(device), "world_size": world, "mixed_precision": accelerator.mixed_precision,
+            "global_batch_size": args.batch_size * world, "torch_version": torch.__version__,
+            "environment": common.environment(),
+            "outputs": {"samples": str(samples_path), "loss_csv": str(output / "loss.csv"),
+                        "loss_png": str(loss_png) if loss_png else None, "checkpoint": str(last_checkpoint),
+                        "summary": str(output / "summary.json")},
+        }
+        common.write_json(summary, output / "summary.json")
+        say(f"done: {step} steps, {summary['images_per_s']:.1f} images/s, loss {summary['final_loss']}, "
+            f"{summary['wall_time_s']:.1f} s; outputs in {output}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
