@@ -1,0 +1,201 @@
+"""The benchmarks' smoke modes on the CPU: throughput.py and convergence.py (on the synthetic stand-in for
+Fashion-MNIST), their JSON and PNG outputs, and the FID helpers of benchmarks/fid.py. No timing assertions."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("safetensors")
+pytest.importorskip("accelerate")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TREAD_VARIANTS = ("baseline", "tread_routes", "tread_all")  # at least these; VARIANTS may hold more
+
+
+@contextlib.contextmanager
+def benchmarks_on_path():
+    """benchmarks/ first on sys.path, and `common` free to mean benchmarks/common.py while its scripts import;
+    afterwards sys.path and whatever `common` meant before (tests/test_examples.py imports examples/common.py
+    under that name) are restored."""
+    shared = ("common", "handwritten")
+    saved_path = list(sys.path)
+    saved = {name: sys.modules.pop(name) for name in shared if name in sys.modules}
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in shared:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def load(name: str):
+    """Import benchmarks/<name>.py (the folder is not a package)."""
+    with benchmarks_on_path():
+        return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def fid():
+    pytest.importorskip("torchmetrics")
+    return load("fid")
+
+
+@pytest.fixture(scope="module")
+def data_dir(fid, tmp_path_factory) -> Path:
+    common = fid.examples_common()
+    return common.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), num_train=256, num_test=64)
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------------
+# throughput.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_throughput_smoke(tmp_path):
+    throughput = load("throughput")
+    out = tmp_path / "throughput_smoke.json"
+    throughput.main(["--smoke", "--output", str(out), "--steps", "1", "--reps", "1", "--warmup", "1"])
+    payload = json.loads(out.read_text())
+    env = payload["environment"]
+    assert env["device"] and env["torch"] == torch.__version__
+    assert len(payload["results"]) == len(throughput.SMOKE_CONFIGS)
+    for result in payload["results"]:
+        assert set(result["variants"]) == set(throughput.VARIANTS)
+        for figures in result["variants"].values():
+            assert figures["ms_per_step"] > 0 and figures["images_per_s"] > 0 and figures["flops_per_step"] > 0
+        assert result["ideal_speedup"] > 1  # routing removes FLOPs
+        for key in ("achieved_speedup", "routed_over_handwritten_time", "wrapped_off_over_unwrapped_time"):
+            assert math.isfinite(result[key]) and result[key] > 0
+    assert is_png(out.with_suffix(".png"))
+
+
+# --------------------------------------------------------------------------------------------------
+# fid.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_committed_classifier(fid):
+    assert fid.WEIGHTS.is_file(), "benchmarks/results/fmnist_classifier.safetensors is missing: fid.py --train"
+    assert fid.WEIGHTS.stat().st_size < 1_000_000
+    info = fid.classifier_info()
+    assert info["architecture"] == fid.ARCHITECTURE and info["test_images"] == 10_000
+    assert info["test_accuracy"] >= 0.9
+    model = fid.load_classifier()
+    assert not model.training and model.num_features == fid.NUM_FEATURES
+
+
+def test_feature_extractor_in_torchmetrics(fid):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8)
+    fake = (real.float() * 0.5).to(torch.uint8)
+    for normalize, cast in ((False, lambda x: x), (True, lambda x: x.float() / 255)):
+        extractor = fid.feature_extractor(normalize=normalize)
+        assert extractor(cast(real)).shape == (40, fid.NUM_FEATURES)
+        metric = FrechetInceptionDistance(feature=extractor, normalize=normalize)
+        metric.update(cast(real), real=True)
+        metric.update(cast(fake), real=False)
+        score = float(metric.compute())
+        assert math.isfinite(score) and score > 0
+        metric.train()  # a Metric is a Module: the classifier must stay in eval mode
+        assert not extractor.classifier.training
+    # the helper reads [-1, 1] floats and uint8 alike, and a set against itself scores (about) zero
+    as_float = real.float() / 127.5 - 1
+    assert fid.fid(real, as_float) == pytest.approx(0.0, abs=1e-3)
+    assert fid.fid(real, fake) == pytest.approx(score, rel=1e-3)
+
+
+def test_time_to_reach():
+    convergence = load("convergence")
+    points = [(0.0, 300.0), (10.0, 100.0), (20.0, 50.0), (30.0, 40.0)]
+    assert convergence.time_to_reach(points, 75.0) == pytest.approx(15.0)
+    assert convergence.time_to_reach(points, 40.0) == pytest.approx(30.0)
+    assert convergence.time_to_reach(points, 30.0) is None
+    assert convergence.time_to_reach(points, 500.0) == 0.0
+    assert convergence.time_to_reach([(0.0, 9.0), (5.0, 4.0), (10.0, 6.0)], 5.0) == pytest.approx(4.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# convergence.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_convergence_smoke(fid, data_dir, tmp_path):
+    convergence = load("convergence")
+    out = tmp_path / "convergence_smoke.json"
+    payload = convergence.main(["--smoke", "--data-dir", str(data_dir), "--no-download", "--output", str(out),
+                                "--budget-seconds", "1", "--evals", "2", "--num-samples", "40", "--sample-steps", "3",
+                                "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload, default=str))
+    assert is_png(out.with_suffix(".png"))
+
+    env = payload["environment"]
+    assert env["device"] and env["torch"] == torch.__version__ and "cuda" in env
+    config = payload["config"]
+    assert config["preset"] == "tiny" and config["device"] == "cpu" and config["num_samples"] == 40
+    assert payload["data"]["train_images"] == 256 and payload["data"]["reference_images"] == 64
+    assert payload["classifier"]["test_accuracy"] >= 0.9
+
+    names = list(convergence.VARIANTS)
+    assert set(TREAD_VARIANTS) <= set(names) and list(payload["variants"]) == names
+    for name, r in payload["variants"].items():
+        assert r["loss_mode"] == convergence.VARIANTS[name].loss_mode
+        assert (r["routes"] is None) == (convergence.VARIANTS[name].routes is None)
+        assert r["steps"] > 0 and r["images"] == r["steps"] * config["batch_size"]
+        assert r["gpu_seconds"] >= 1.0 and r["images_per_s"] > 0
+        assert len(r["evals"]) == 3  # step 0 and --evals points
+        assert r["evals"][0]["step"] == 0 and r["evals"][0]["gpu_seconds"] == 0
+        times = [p["gpu_seconds"] for p in r["evals"]]
+        assert times == sorted(times)
+        for point in r["evals"]:
+            assert isinstance(point["fid"], float) and math.isfinite(point["fid"])
+            assert point["classifier_test_accuracy"] == payload["classifier"]["test_accuracy"]
+            assert 0.0 <= point["sample_accuracy"] <= 1.0 and point["num_samples"] == 40
+        assert r["final_fid"] == r["evals"][-1]["fid"]
+        assert "time_to_baseline_final_fid" in r and "time_ratio_to_baseline" in r
+    # the TREAD variants start from the baseline's weights: one shared step-0 evaluation
+    assert len({payload["variants"][name]["evals"][0]["fid"] for name in TREAD_VARIANTS}) == 1
+
+    summary = payload["summary"]
+    assert summary["baseline_final_fid"] == payload["variants"]["baseline"]["final_fid"]
+    assert set(summary["variants"]) == set(names)
+    base = summary["variants"]["baseline"]  # the baseline reaches its own final FID, at the latest at its end
+    assert base["time_to_baseline_final_fid"] is not None and 0 <= base["time_ratio_to_baseline"] <= 1 + 1e-9
+    assert base["meets_target"] is None
+    for name in names:
+        s = summary["variants"][name]
+        if s["time_to_baseline_final_fid"] is None:
+            assert s["time_ratio_to_baseline"] is None and s["meets_target"] is False
+        else:
+            assert s["time_ratio_to_baseline"] == pytest.approx(
+                s["time_to_baseline_final_fid"] / summary["baseline_gpu_seconds"])
+
+
+def test_convergence_rejects_bad_arguments(fid, data_dir, tmp_path):
+    convergence = load("convergence")
+    common = ["--smoke", "--data-dir", str(data_dir), "--no-download", "--quiet"]
+    with pytest.raises(SystemExit):
+        convergence.main([*common, "--variants", "baseline,nope", "--output", str(tmp_path / "x.json")])
+    # --append refuses to put runs with other settings side by side (checked before any training)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"config": {"evals": 7}, "variants": {"baseline": {"evals": []}}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        convergence.main([*common, "--append", "--output", str(earlier)])
