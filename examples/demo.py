@@ -1,63 +1,56 @@
-"""tokenroute demo: wrap a DiT with one line, show the plan and the FLOPs a routed training step saves.
+"""tokenroute demo: train a tiny DiT on Fashion-MNIST with and without TREAD routing on the CPU, and compare.
 
-    python examples/demo.py [--preset DiT-S/2] [--routes 2:8:0.5]
+The routed run differs from the baseline in one line, ``tokenroute.wrap(model, routes=...)``. Prints the
+routing plan, the wall time and images/s of each run, the FLOPs a routed training step saves, and where the
+two sample grids are.
+
+    python examples/demo.py [--steps 600] [--output outputs/demo]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-import tokenroute
-from tokenroute.models import DiT
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402  (examples/common.py)
 
-def parse_routes(text: str) -> list[tuple[int, int, float]]:
-    routes = []
-    for part in text.split(","):
-        start, end, ratio = part.split(":")
-        routes.append((int(start), int(end), float(ratio)))
-    return routes
+import tokenroute  # noqa: E402
 
 
-def training_step_flops(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of one forward + backward in training mode."""
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        model(x, t, y).square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="DiT-S/2", help="a DiT preset (tiny, DiT-S/2, DiT-B/2, DiT-XL/2)")
-    parser.add_argument("--routes", default="2:8:0.5", help="START:END:RATIO[,START:END:RATIO...]")
-    parser.add_argument("--batch", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each run (default: 600)")
+    parser.add_argument("--routes", default="1:4:0.5", help="START:END:RATIO[,...] for the tiny DiT's 6 blocks")
+    parser.add_argument("--output", default="outputs/demo")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
+    args = parser.parse_args(argv)
+    routes = common.parse_routes(args.routes)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    torch.manual_seed(0)
-    model = DiT.from_preset(args.preset)
-    size = model.x_embedder.img_size
-    x = torch.randn(args.batch, model.in_channels, *size)
-    t = torch.rand(args.batch) * 1000
-    y = torch.randint(0, model.num_classes, (args.batch,))
-
-    unrouted = training_step_flops(model, x, t, y)
-    model = tokenroute.wrap(model, routes=parse_routes(args.routes), seed=0)  # the one line
-    training_step_flops(model, x, t, y)  # the first routed forward traces the graph; count the next
-    routed = training_step_flops(model, x, t, y)
-
-    print(tokenroute.explain(model))
-    print()
-    print(f"{args.preset}, {model.x_embedder.num_patches} tokens, batch {args.batch}, routes {args.routes}")
-    print(f"  training step FLOPs, unrouted: {unrouted / 1e9:8.2f} GFLOP")
-    print(f"  training step FLOPs, routed:   {routed / 1e9:8.2f} GFLOP")
-    print(f"  saved: {100 * (1 - routed / unrouted):.1f}%  (FLOP-ideal speedup {unrouted / routed:.2f}x)")
-    masks = tokenroute.routing_masks(model)
-    print(f"  tokens that skipped each route in the last step: {[int(m[0].sum()) for m in masks]} per sample")
+    model = tokenroute.wrap(common.build_model("dit", "tiny"), routes=routes, seed=0)  # the one line
+    x = torch.zeros(2, 1, 32, 32)
+    print(tokenroute.explain(model, x, torch.zeros(2), torch.zeros(2, dtype=torch.long)))
+    print(f"\ntraining the tiny DiT for {args.steps} steps without routing, then with routes {args.routes} ...",
+          flush=True)
+    result = common.compare_routing("dit", "tiny", steps=args.steps, routes=routes, output=args.output,
+                                    data_dir=args.data_dir, timing_rounds=8)
+    base, routed, flops = result["baseline"], result["routed"], result["flops"]
+    print(f"\ndata: {result['data']}")
+    print(f"{'':>10} {'wall s':>8} {'images/s':>9} {'final loss':>11}")
+    for name, run in (("baseline", base), ("routed", routed)):
+        print(f"{name:>10} {run['wall_time_s']:8.1f} {run['images_per_s']:9.1f} {run['final_loss']:11.4f}")
+    print(f"FLOPs of one training step: {flops['unrouted'] / 1e9:.3f} -> {flops['routed'] / 1e9:.3f} GFLOP "
+          f"({100 * flops['saving']:.1f}% saved, FLOP-ideal speed-up {flops['unrouted'] / flops['routed']:.2f}x)")
+    if result["interleaved_timing"]:
+        print(f"step time measured interleaved: {result['interleaved_timing']['speedup']:.2f}x faster routed")
+    print(f"sample grids: {result['samples']['baseline']} and {result['samples']['routed']}")
+    print(f"everything else (loss curves, summaries, comparison.json): {result['output']}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Print the README's performance tables from the result files (so the README can be regenerated).
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def throughput(path: Path = RESULTS / "throughput.json") -> str:
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    rows = [f"Training step, {env['device']}, torch {env['torch']}, bf16 autocast, AdamW, median of "
+            f"{data['config']['repetitions']} interleaved repetitions of {data['config']['steps_per_repetition']} steps "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| model | batch | unwrapped ms | wrapped, routing off ms | routed ms | hand-written TREAD ms | FLOP-ideal | "
+            "achieved | achieved / ideal | routed / hand-written | off / unwrapped | MaskDiT ms (speed-up, ideal) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        v = {k: x["ms_per_step"] for k, x in r["variants"].items()}
+        name = r["model"] + (" (compiled)" if r["compile"] else "")
+        masked = (f"{v['masked']:.1f} ({r['masked_speedup']:.2f}x, {r['masked_ideal_speedup']:.2f}x)"
+                  if "masked" in v else "")
+        rows.append(f"| {name} | {r['batch']} | {v['unwrapped']:.1f} | {v['wrapped_off']:.1f} | {v['routed']:.1f} | "
+                    f"{v['handwritten']:.1f} | {r['ideal_speedup']:.2f}x | {r['achieved_speedup']:.2f}x | "
+                    f"{r['achieved_over_ideal']:.2f} | {r['routed_over_handwritten_time']:.3f} | "
+                    f"{r['wrapped_off_over_unwrapped_time']:.3f} | {masked} |")
+    return "\n".join(rows)
+
+
+def convergence(path: Path = RESULTS / "convergence.json") -> str:
+    data = json.loads(path.read_text())
+    env, config, summary = data["environment"], data["config"], data["summary"]
+    rows = [f"Fashion-MNIST, DiT `{config.get('preset')}`, {env['device']}, {summary['baseline_gpu_seconds']:.0f} training "
+            f"GPU seconds per variant, FID of {config.get('num_samples')} samples against the test set on the features of "
+            f"a classifier with {data['classifier']['test_accuracy']:.3f} test accuracy "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| variant | images/s | final FID | GPU time to the baseline's final FID | ratio to the baseline's time |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, v in summary["variants"].items():
+        reach = "not reached" if v["time_to_baseline_final_fid"] is None else f"{v['time_to_baseline_final_fid']:.1f} s"
+        ratio = "-" if v["time_ratio_to_baseline"] is None else f"{v['time_ratio_to_baseline']:.2f}"
+        rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['final_fid']:.2f} | {reach} | {ratio} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(throughput())
+    print()
+    print(convergence())
