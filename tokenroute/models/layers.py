@@ -89,6 +89,31 @@ def prepend_tokens(patches: torch.Tensor, *prefix: torch.Tensor) -> torch.Tensor
     return torch.cat([*lead, patches], dim=1)
 
 
+class PrefixTokenBackbone(nn.Module):
+    """What U-ViT and the diffusion Mamba share: tokens ``[time, label, patches...]`` with a learned position
+    embedding over all of them. The two prefix tokens are never routed (``num_prefix_tokens``)."""
+
+    num_prefix_tokens = 2
+
+    def _init_embedding(self, input_size: int | tuple[int, int], patch_size: int, in_channels: int,
+                        hidden_size: int, num_classes: int) -> None:
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.patch_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.grid_size = self.patch_embed.grid_size
+        self.time_embed = TimestepEmbedder(hidden_size)
+        self.label_emb = LabelEmbedder(num_classes, hidden_size)
+        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Images, timesteps, labels -> tokens ``[time, label, patches...]`` (B, 2 + N, D) with position embedding."""
+        return prepend_tokens(self.patch_embed(x), self.time_embed(t), self.label_emb(y)) + self.pos_embed
+
+
 def tokens_to_image(tokens: torch.Tensor, num_prefix_tokens: int, p: int, grid: tuple[int, int],
                     c: int) -> torch.Tensor:
     """Per-token patch predictions (B, prefix + h * w, p * p * c) -> images, dropping the prefix tokens."""

@@ -23,11 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import (
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
+    PrefixTokenBackbone,
     from_preset,
-    prepend_tokens,
     tokens_to_image,
 )
 
@@ -190,31 +187,19 @@ class MambaBlock(nn.Module):
         return x + self.mixer(self.norm(x))
 
 
-class DiffusionMamba(nn.Module):
+class DiffusionMamba(PrefixTokenBackbone):
     """Mamba diffusion backbone: ``forward(x (B, C, H, W), t (B,) float, y (B,) long) -> (B, C, H, W)``.
 
     Conditioning enters as two prefix tokens ``[time, label]`` scanned before the patches, so every patch
     token sees it. ``y == num_classes`` is the null label (see ``LabelEmbedder``).
     """
 
-    num_prefix_tokens = 2
 
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 768, depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  num_classes: int = 10, headdim: int | None = None, chunk_size: int = 64) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-
-        self.patch_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.grid_size = self.patch_embed.grid_size
-        self.time_embed = TimestepEmbedder(hidden_size)
-        self.label_emb = LabelEmbedder(num_classes, hidden_size)
-        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
+        self._init_embedding(input_size, patch_size, in_channels, hidden_size, num_classes)
         self.blocks = nn.ModuleList([MambaBlock(hidden_size, d_state, d_conv, expand, headdim, chunk_size)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(hidden_size)
@@ -240,10 +225,6 @@ class DiffusionMamba(nn.Module):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             with torch.no_grad():
                 w /= math.sqrt(len(self.blocks))
-
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Images, timesteps, labels -> tokens ``[time, label, patches...]`` (B, 2 + N, D) with position embedding."""
-        return prepend_tokens(self.patch_embed(x), self.time_embed(t), self.label_emb(y)) + self.pos_embed
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 2 + N, D) -> images: norm, drop the prefix tokens, linear to patches."""

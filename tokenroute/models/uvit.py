@@ -13,13 +13,10 @@ import torch
 import torch.nn as nn
 
 from .layers import (
+    PrefixTokenBackbone,
     Attention,
-    LabelEmbedder,
     Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
     from_preset,
-    prepend_tokens,
     tokens_to_image,
 )
 
@@ -56,7 +53,7 @@ class UViTBlock(nn.Module):
         return x
 
 
-class UViT(nn.Module):
+class UViT(PrefixTokenBackbone):
     """U-ViT: ``forward(x (B, C, H, W), t (B,) float, y (B,) long) -> (B, C, H, W)``.
 
     ``depth`` counts blocks: ``depth // 2`` input blocks, one middle block, ``depth // 2`` output blocks
@@ -64,7 +61,6 @@ class UViT(nn.Module):
     ``y == num_classes`` is the null label (see ``LabelEmbedder``).
     """
 
-    num_prefix_tokens = 2
 
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 512, depth: int = 13, num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -72,18 +68,7 @@ class UViT(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-
-        self.patch_embed = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.grid_size = self.patch_embed.grid_size
-        self.time_embed = TimestepEmbedder(hidden_size)
-        self.label_emb = LabelEmbedder(num_classes, hidden_size)
-        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
+        self._init_embedding(input_size, patch_size, in_channels, hidden_size, num_classes)
 
         # Registration order is execution order: in_blocks, mid_block, out_blocks.
         n_side = depth // 2
@@ -119,10 +104,6 @@ class UViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init)
         nn.init.normal_(self.label_emb.embedding_table.weight, std=0.02)
-
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Images, timesteps, labels -> tokens ``[time, label, patches...]`` (B, 2 + N, D) with position embedding."""
-        return prepend_tokens(self.patch_embed(x), self.time_embed(t), self.label_emb(y)) + self.pos_embed
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, 2 + N, D) -> images: norm, drop the prefix tokens, linear to patches, 3x3 conv."""
