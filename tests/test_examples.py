@@ -312,3 +312,13 @@ def test_masked_training_smoke(train, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not fit"):
         run_train(train, data_dir, tmp_path / "bad", "--backbone", "dit", "--max-steps", "2", "--mask", "0.5",
                   "--decoder", "9")
+
+
+def test_checkpoint_loads_into_the_plain_backbone_and_samples(train, data_dir, tmp_path):
+    run_train(train, data_dir, tmp_path, "--backbone", "uvit", "--routes", "tread", "--max-steps", "2",
+              "--ckpt-every", "2", "--sample-every", "0")
+    loader = common.load_example("load_and_sample")
+    out = loader.main([str(tmp_path), "--output", str(tmp_path / "from_checkpoint.png")])
+    assert out.is_file() and out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        loader.main([str(tmp_path / "empty")])
