@@ -25,6 +25,7 @@ from .stack import BlockStack
 from .tracer import ConcreteTracer
 
 ROOT = "owner"
+_TENSOR = object()  # marks where a call's tensor leaves go among its constant leaves
 
 
 class _Call(nn.Module):
@@ -36,25 +37,15 @@ class _Call(nn.Module):
         self.owner = owner
         self._forward = forward
         self._in_spec = in_spec
-        self._constants = constants  # non-tensor leaves of the call, None where a tensor goes
+        self._constants = constants  # the call's leaves: constants, and _TENSOR where a tensor goes
         self.out_spec: TreeSpec | None = None
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
-        it = iter(range(len(self._constants)))
-        leaves, k = [], 0
-        for i in it:
-            if self._constants[i] is _TENSOR:
-                leaves.append(tensors[k])
-                k += 1
-            else:
-                leaves.append(self._constants[i])
+        given = iter(range(len(tensors)))
+        leaves = [tensors[next(given)] if c is _TENSOR else c for c in self._constants]
         args, kwargs = tree_unflatten(leaves, self._in_spec)
-        out = self._forward(self.owner, *args, **kwargs)
-        flat, self.out_spec = tree_flatten(out)
+        flat, self.out_spec = tree_flatten(self._forward(self.owner, *args, **kwargs))
         return tuple(flat)
-
-
-_TENSOR = object()
 
 
 class RouteStart(nn.Module):
