@@ -306,3 +306,29 @@ def test_deep_copy_after_a_training_step_routes_itself():
     assert tokenroute.routing_masks(twin)[0].shape == (2, 16)
     twin_record, record = twin.__dict__["_tokenroute"], model.__dict__["_tokenroute"]
     assert twin_record is not record and twin_record.stack.owner is twin
+
+
+class _ValueBranching(ToyTransformer):
+    """A forward that branches on a tensor's value: torch.fx cannot specialise it."""
+
+    def forward(self, x, c):
+        x = self.embed(x)
+        if x.mean() > 100:  # never true, but only a real run can tell
+            x = x * 0
+        for layer in self.layers:
+            x = layer(x, c)
+        return self.out(x)
+
+
+def test_untraceable_forward_falls_back_to_hooks_with_the_same_routing():
+    x, c = torch.randn(2, 10, 3), torch.randn(2, 8)
+    model = randomize(_ValueBranching(depth=6))
+    reference = copy.deepcopy(model)
+    tokenroute.wrap(model, [(1, 3, 0.5)], seed=4)
+    tokenroute.wrap(reference, [(1, 3, 0.5)], seed=4, mechanism="hooks")
+    torch.testing.assert_close(model(x, c), reference(x, c), rtol=0, atol=1e-6)
+    assert torch.equal(tokenroute.routing_masks(model)[0], tokenroute.routing_masks(reference)[0])
+    assert "module hooks on the blocks (tracing failed: TraceError" in tokenroute.explain(model)
+    strict = tokenroute.wrap(randomize(_ValueBranching(depth=6)), [(1, 3, 0.5)], mechanism="fx")
+    with pytest.raises(tokenroute.RouteError, match="could not trace"):
+        strict(x, c)
