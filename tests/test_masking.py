@@ -13,6 +13,7 @@ import tokenroute
 from tokenroute import RouteError
 from tokenroute.core import find_stack
 from tokenroute.core.tokens import gather_tokens
+from tokenroute.models import DiTBlock
 
 from helpers import backbone_inputs, make_backbone
 
@@ -42,13 +43,19 @@ def test_eval_is_bitwise_unwrapped_with_stack_decoder(name, ratio, k, seed):
     assert torch.equal(model.eval()(*inputs), expected)
 
 
-@pytest.mark.parametrize("name", ["dit", "mamba"])
+def narrow(depth):
+    """MaskDiT's asymmetric decoder: a narrower stack of the model's block class."""
+    return tokenroute.Decoder(depth=depth, width=8, block=lambda width: DiTBlock(width, num_heads=2))
+
+
+@pytest.mark.parametrize("name, own_width", [("dit", False), ("mamba", False), ("dit", True)])
 @given(seed=st.integers(0, 2**16), depth=st.integers(1, 2))
-def test_eval_with_added_decoder_is_backbone_then_decoder(name, seed, depth):
+def test_eval_with_added_decoder_is_backbone_then_decoder(name, own_width, seed, depth):
     model = make_backbone(name, depth=4)
     twin = copy.deepcopy(model).eval()
     inputs = backbone_inputs(2, seed)
-    tokenroute.mask(model, 0.5, decoder=tokenroute.Decoder(depth=depth), seed=seed)
+    decoder = narrow(depth) if own_width else tokenroute.Decoder(depth=depth)
+    tokenroute.mask(model, 0.5, decoder=decoder, seed=seed)
     decoder_call(model, find_stack(twin))
     with torch.no_grad():
         assert torch.equal(model.eval()(*inputs), twin(*inputs))
@@ -85,7 +92,7 @@ def test_encoder_sees_visible_tokens_and_mask_token_fills_dropped(name, ratio, k
     assert torch.equal(decoder_in[~dropped], seen["encoder_out"][:, prefix:].reshape(-1, token.shape[0]))
 
 
-@pytest.mark.parametrize("decoder", [2, tokenroute.Decoder(depth=2)])
+@pytest.mark.parametrize("decoder", [2, tokenroute.Decoder(depth=2), narrow(2)])
 def test_gradients_reach_mask_token_and_decoder(decoder):
     model = tokenroute.mask(make_backbone("dit", depth=5), 0.5, decoder=decoder, seed=0)
     model.train()(*backbone_inputs(2)).square().mean().backward()
@@ -93,6 +100,8 @@ def test_gradients_reach_mask_token_and_decoder(decoder):
     assert masking.mask_token.grad.abs().sum() > 0
     if masking.decoder is not None:
         assert all(p.grad is not None for p in masking.decoder.parameters())
+        width = masking.decoder.width
+        assert masking.decoder.pos_embed.shape[-1] == width and f"width {width}" in tokenroute.explain(model)
     assert "masked training adds <model>.tokenroute_masking" in tokenroute.explain(model)
 
 
@@ -123,6 +132,8 @@ def test_unwrap_removes_the_added_parameters():
     (dict(decoder=5), "does not fit a stack of 5"),
     (dict(decoder=0), "does not fit"),
     (dict(decoder="two"), "neither a number"),
+    (dict(decoder=tokenroute.Decoder(depth=0)), "at least 1"),
+    (dict(decoder=tokenroute.Decoder(depth=1, width=8)), "go together"),
     (dict(decoder=2, routes=[(1, 3, 0.5)]), "overlap"),
 ])
 def test_bad_input(kwargs, message):

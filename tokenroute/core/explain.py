@@ -36,8 +36,10 @@ def explain(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> str:
                           if n.count(".") <= 1)
         lines.append(f"  {extension.name} adds {owner}.{name}: {count:,} parameters ({parts})")
     if extension.after_stack is not None:
-        lines.append(f"  after the last block: {type(extension.after_stack).__name__} "
-                     f"({len(getattr(extension.after_stack, 'blocks', []))} blocks); eval runs it with nothing dropped")
+        after = extension.after_stack
+        width = f", width {after.width}" if hasattr(after, "width") else ""
+        lines.append(f"  after the last block: {type(after).__name__} ({len(getattr(after, 'blocks', []))} blocks{width}); "
+                     "eval runs it with nothing dropped")
     if record.mechanism == "fx":
         lines.append("  mechanism: torch.fx graph rewrite of the owner's forward (blocks as leaves, one graph per "
                      "input signature, traced at the first routed forward)")

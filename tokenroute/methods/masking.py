@@ -9,7 +9,7 @@ and ``tokenroute.losses.combine(..., mode="visible", mae=..., mae_weight=0.1)`` 
 
 Decoders: ``decoder=k`` uses the last k blocks of the stack (no new architecture, as MDT); ``decoder=
 Decoder(depth=...)`` adds fresh copies of the stack's last block after it, with their own learned position
-embedding (MaskDiT's asymmetric decoder; its width is the model's). At eval nothing is dropped; with an added
+embedding, or, with ``width=`` and ``block=``, a narrower stack of its own (MaskDiT's asymmetric decoder). At eval nothing is dropped; with an added
 decoder, eval equals running the backbone and then the decoder.
 
 Unmasking tuning, as MaskDiT ends its training: ``tokenroute.set_ratio(model, 0.0)``.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,32 +34,52 @@ MODULE_NAME = "tokenroute_masking"
 
 @dataclass(frozen=True)
 class Decoder:
-    """An added decoder: ``depth`` fresh copies of the stack's last block. ``num_tokens``: length of the
-    full sequence (prefix tokens included), for its position embedding; found from the model's
-    ``pos_embed`` when not given."""
+    """An added decoder of ``depth`` blocks with its own position embedding.
+
+    By default its blocks are fresh copies of the stack's last block, at the model's width. With ``width``
+    and ``block`` (a function of the width returning a block called like the stack's blocks, e.g.
+    ``lambda w: DiTBlock(w, num_heads=8)``), it runs at its own width as MaskDiT's narrower decoder does:
+    tokens are projected in and out, and every other argument of the model's width (the conditioning) is
+    projected to the decoder's. ``num_tokens``: the full sequence length (prefix tokens included), found
+    from the model's ``pos_embed`` when not given.
+    """
 
     depth: int = 2
     num_tokens: int | None = None
+    width: int | None = None
+    block: Callable[[int], nn.Module] | None = None
 
 
 class MaskDecoder(nn.Module):
     """Position embedding, then blocks, each called like the stack's last block (same conditioning)."""
 
-    def __init__(self, template: nn.Module, depth: int, num_tokens: int, dim: int):
+    def __init__(self, template: nn.Module, config: Decoder, num_tokens: int, dim: int, arguments: Sequence[str]):
         super().__init__()
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        width = config.width or dim
+        self.dim, self.width = dim, width
+        if width != dim:
+            self.proj_in, self.proj_out = nn.Linear(dim, width), nn.Linear(width, dim)
+            self.proj_args = nn.ModuleDict({name: nn.Linear(dim, width) for name in arguments})
+            blocks = [config.block(width) for _ in range(config.depth)]
+        else:
+            blocks = [copy.deepcopy(template) for _ in range(config.depth)]
+            for block in blocks:
+                for module in block.modules():
+                    if hasattr(module, "reset_parameters") and module is not block:
+                        module.reset_parameters()
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(copy.deepcopy(template) for _ in range(depth))
-        for block in self.blocks:
-            for module in block.modules():
-                if hasattr(module, "reset_parameters") and module is not block:
-                    module.reset_parameters()
+        self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.width != self.dim:
+            x = self.proj_in(x)
+            kwargs = {k: self.proj_args[k](v) if k in self.proj_args and isinstance(v, torch.Tensor)
+                      and v.shape[-1] == self.dim else v for k, v in kwargs.items()}
         x = x + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             x = block(x, **kwargs)
-        return x
+        return self.proj_out(x) if self.width != self.dim else x
 
 
 class TokenMasking(nn.Module):
@@ -129,8 +149,13 @@ def mask(
         if token_inputs:
             raise RouteError(f"an added decoder copies the stack's last block, which takes the token-aligned input "
                              f"{token_inputs[0]!r} that a decoder after the stack cannot supply; use decoder=k")
+        if (decoder.width is None) != (decoder.block is None):
+            raise RouteError("Decoder(width=..., block=...) go together: a block of another width cannot be copied "
+                             "from the stack; give both, or neither for copies at the model's width")
         num_tokens = decoder.num_tokens or _num_tokens(stack.owner)
-        dec = MaskDecoder(stack.blocks[-1], decoder.depth, num_tokens, _width(stack.owner, stack.blocks))
+        arguments = [n for n in inspect.signature(stack.blocks[-1].forward).parameters if n != spec.stream
+                     and spec.role(n) != "tokens"]
+        dec = MaskDecoder(stack.blocks[-1], decoder, num_tokens, _width(stack.owner, stack.blocks), arguments)
     else:
         if not 1 <= decoder < depth:
             raise RouteError(f"a decoder of {decoder} blocks does not fit a stack of {depth}: give 1..{depth - 1}")
