@@ -58,6 +58,8 @@ def tread_uvit(model: UViT, x, t, y, routes: Sequence[tuple[int, int, float]]) -
     by_start = {s: (e, draw_keep(x.shape[0], n, r, x.device, ordered=False)) for s, e, r in routes}
     skips: list[tuple[torch.Tensor, int]] = []  # (skip, index of the route it was made in or -1)
     full, idx, end, route = None, None, -1, -1
+    full_of: dict[int, torch.Tensor] = {}  # per route: its start tokens and kept index, for skips leaving it
+    idx_of: dict[int, torch.Tensor] = {}
     for i, block in enumerate(blocks):
         if i in by_start:
             end, keep = by_start[i]
@@ -77,7 +79,7 @@ def tread_uvit(model: UViT, x, t, y, routes: Sequence[tuple[int, int, float]]) -
         if i < depth_in:
             skips.append((tokens, route))
         if i == end:
-            full_of, idx_of = {route: full}, {route: idx}
+            full_of[route], idx_of[route] = full, idx
             tokens = full.to(tokens.dtype).scatter(1, idx, tokens)
             end, route = -1, -1
     return model.head(tokens)

@@ -199,3 +199,22 @@ def test_convergence_rejects_bad_arguments(fid, data_dir, tmp_path):
     earlier.write_text(json.dumps({"config": {"evals": 7}, "variants": {"baseline": {"evals": []}}}))
     with pytest.raises(SystemExit, match="other settings"):
         convergence.main([*common, "--append", "--output", str(earlier)])
+
+
+@pytest.mark.parametrize("name, routes", [("dit", [(1, 3, 0.5)]), ("uvit", [(1, 3, 0.5)]), ("mamba", [(1, 3, 0.25)])])
+def test_handwritten_references_compute_what_the_splice_computes(name, routes, monkeypatch):
+    """The benchmark's hand-written TREAD loops, given the splice's kept tokens, give its output exactly."""
+    from helpers import backbone_inputs, make_backbone
+
+    import tokenroute
+
+    with benchmarks_on_path():
+        handwritten = importlib.import_module("handwritten")
+    model = make_backbone(name, depth=5)
+    inputs = backbone_inputs(2)
+    tokenroute.wrap(model, routes, seed=0)
+    out = model(*inputs)
+    keeps = iter([(~m).nonzero()[:, 1].view(2, -1) for m in tokenroute.routing_masks(model)])
+    monkeypatch.setattr(handwritten, "draw_keep", lambda *args, **kwargs: next(keeps))
+    reference = handwritten.HANDWRITTEN[type(model)](model, *inputs, routes)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from .boundary import RoutingState, gather_value, is_token_aligned, scatter_value
+from .boundary import RoutingState, gather_value, scatter_value
 from .registry import bind_arguments, forward_parameters
 from .stack import BlockStack
 
@@ -87,8 +86,6 @@ class HookSplice:
         route = self.route_of.get(position)
         last = route is not None and self.state.routes[route].end == position
         final = self.after_stack is not None and position == len(self.stack) - 1
-        names = [p.name for p in forward_parameters(self.stack.blocks[position])
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.routing:
