@@ -188,70 +188,82 @@ def _contains(value: Any, node: fx.Node) -> bool:
 
 
 def splice(module: fx.GraphModule, stack: BlockStack, state: RoutingState) -> list[Boundary]:
+    """Splice every route's start and end nodes into the traced graph; returns what each boundary does."""
     graph = module.graph
     blocks = _block_nodes(graph, stack)
-    spec_of = {n: s for n, s in zip(blocks, stack.specs)}
-    block_of = {n: b for n, b in zip(blocks, stack.blocks)}
+    spec_of = dict(zip(blocks, stack.specs))
+    block_of = dict(zip(blocks, stack.blocks))
     boundaries = []
     for i, route in enumerate(state.routes):
-        order = list(graph.nodes)
-        pos = {n: k for k, n in enumerate(order)}
-        first, last = blocks[route.start], blocks[route.end]
-        stop = pos[last]
-        while stop + 1 < len(order) and order[stop + 1].op == "call_function" \
-                and order[stop + 1].target is operator.getitem and order[stop + 1].args[0] in order[pos[first]:stop + 1]:
-            stop += 1  # unpacking the last block's tuple output belongs to the route
-        region = order[pos[first]:stop + 1]
-        inside = set(region)
-
-        # values entering the route, with the role of each use
-        stream_name = spec_of[first].stream
-        stream = _argument(first, block_of[first], stream_name)
-        if not isinstance(stream, fx.Node):
-            raise RouteError(f"block {route.start} gets no token stream '{stream_name}' as a traced value")
-        entering: dict[fx.Node, dict[fx.Node, str]] = {}
-        for node in region:
-            for source in node.all_input_nodes:
-                if source in inside:
-                    continue
-                entering.setdefault(source, {})[node] = _role(source, node, spec_of.get(node), block_of.get(node))
-        boundary = Boundary(i, describe(stream))
-        gather = [(src, uses) for src, uses in entering.items()
-                  if any(r != "pass" for r in uses.values()) and src.op != "get_attr"]
-        boundary.passed = [describe(src) for src, uses in entering.items() if (src, uses) not in gather]
-        shared = any(r == "table" for _, uses in gather for r in uses.values())
-        boundary.shared_selection = shared
-        roles = [_merge(uses.values()) for _, uses in gather]
-        with graph.inserting_before(first):
-            start_name = f"route{i}_start"
-            module.add_submodule(start_name, RouteStart(state, i, roles, shared))
-            start = graph.call_module(start_name, (stream, *[src for src, _ in gather]))
-            for k, ((src, uses), role) in enumerate(zip(gather, roles)):
-                got = graph.call_function(operator.getitem, (start, k))
-                boundary.gathered.append((describe(src), role))
-                for user, use_role in uses.items():
-                    if use_role != "pass":
-                        user.replace_input_with(src, got)
-
-        # values leaving the route: routed if they carry the stream (taint from gathered values/blocks)
-        routed = _routed_nodes(region, spec_of, gathered=set(start.users))
-        leaving = [n for n in region if any(u not in inside for u in n.users)]
-        flags = [n in routed for n in leaving]
-        with graph.inserting_after(region[-1]):
-            end_name = f"route{i}_end"
-            module.add_submodule(end_name, RouteEnd(state, i, flags))
-            end = graph.call_module(end_name, tuple(leaving))
-        with graph.inserting_after(end):
-            for k, (node, flag) in enumerate(zip(leaving, flags)):
-                got = graph.call_function(operator.getitem, (end, k))
-                for user in list(node.users):
-                    if user not in inside and user is not end:
-                        user.replace_input_with(node, got)
-                (boundary.scattered if flag else boundary.returned).append(describe(node))
+        region = _region(graph, blocks[route.start], blocks[route.end])
+        boundary, start = _splice_start(module, state, i, region, spec_of, block_of)
+        _splice_end(module, state, i, region, spec_of, set(start.users), boundary)
         boundaries.append(boundary)
     graph.lint()
     module.recompile()
     return boundaries
+
+
+def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The nodes from the route's first block to its last, with the unpacking of the last one's tuple output."""
+    order = list(graph.nodes)
+    begin, stop = order.index(first), order.index(last)
+    while stop + 1 < len(order) and order[stop + 1].op == "call_function" \
+            and order[stop + 1].target is operator.getitem and order[stop + 1].args[0] in order[begin:stop + 1]:
+        stop += 1
+    return order[begin:stop + 1]
+
+
+def _splice_start(module: fx.GraphModule, state: RoutingState, i: int, region: list[fx.Node],
+                  spec_of: dict[fx.Node, BlockSpec], block_of: dict[fx.Node, nn.Module]) -> tuple[Boundary, fx.Node]:
+    """Every value made before the route and read inside it enters through one start node; the uses that
+    need its tokens (by the role of the argument they feed) read the gathered version."""
+    graph, first, inside = module.graph, region[0], set(region)
+    stream_name = spec_of[first].stream
+    stream = _argument(first, block_of[first], stream_name)
+    if not isinstance(stream, fx.Node):
+        raise RouteError(f"block {state.routes[i].start} gets no token stream '{stream_name}' as a traced value")
+    entering: dict[fx.Node, dict[fx.Node, str]] = {}
+    for node in region:
+        for source in node.all_input_nodes:
+            if source not in inside:
+                entering.setdefault(source, {})[node] = _role(source, node, spec_of.get(node), block_of.get(node))
+    gather = [(src, uses) for src, uses in entering.items()
+              if any(r != "pass" for r in uses.values()) and src.op != "get_attr"]
+    roles = [_merge(uses.values()) for _, uses in gather]
+    shared = "table" in roles
+    boundary = Boundary(i, describe(stream), shared_selection=shared,
+                        passed=[describe(src) for src, uses in entering.items() if (src, uses) not in gather])
+    with graph.inserting_before(first):
+        module.add_submodule(f"route{i}_start", RouteStart(state, i, roles, shared))
+        start = graph.call_module(f"route{i}_start", (stream, *[src for src, _ in gather]))
+        for k, ((src, uses), role) in enumerate(zip(gather, roles)):
+            got = graph.call_function(operator.getitem, (start, k))
+            boundary.gathered.append((describe(src), role))
+            for user, use_role in uses.items():
+                if use_role != "pass":
+                    user.replace_input_with(src, got)
+    return boundary, start
+
+
+def _splice_end(module: fx.GraphModule, state: RoutingState, i: int, region: list[fx.Node],
+                spec_of: dict[fx.Node, BlockSpec], gathered: set[fx.Node], boundary: Boundary) -> None:
+    """Every value made inside the route and read after it leaves through one end node; the routed ones
+    (carrying the stream's tokens) are scattered back."""
+    graph, inside = module.graph, set(region)
+    routed = _routed_nodes(region, spec_of, gathered)
+    leaving = [n for n in region if any(u not in inside for u in n.users)]
+    flags = [n in routed for n in leaving]
+    with graph.inserting_after(region[-1]):
+        module.add_submodule(f"route{i}_end", RouteEnd(state, i, flags))
+        end = graph.call_module(f"route{i}_end", tuple(leaving))
+    with graph.inserting_after(end):
+        for k, (node, flag) in enumerate(zip(leaving, flags)):
+            got = graph.call_function(operator.getitem, (end, k))
+            for user in list(node.users):
+                if user not in inside and user is not end:
+                    user.replace_input_with(node, got)
+            (boundary.scattered if flag else boundary.returned).append(describe(node))
 
 
 def splice_after_stack(module: fx.GraphModule, stack: BlockStack, after: nn.Module) -> None:
