@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
     args = parser.parse_args(argv)
     routes = common.parse_routes(args.routes)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     model = tokenroute.wrap(common.build_model("dit", "tiny"), routes=routes, seed=0)  # the one line
     x = torch.zeros(2, 1, 32, 32)
