@@ -86,6 +86,14 @@ def make_step(forward, optimizer, inputs, autocast: bool) -> Callable[[], None]:
     return step
 
 
+def random_inputs(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random data of the real shape: latents, timesteps, class labels."""
+    embed = model.x_embedder if hasattr(model, "x_embedder") else model.patch_embed
+    c, h = model.in_channels, embed.img_size[0]
+    return (torch.randn(batch, c, h, h, device=device), torch.rand(batch, device=device) * 1000,
+            torch.randint(0, model.num_classes, (batch,), device=device))
+
+
 def step_flops(forward, inputs) -> int:
     with FlopCounterMode(display=False) as counter:
         forward(*inputs).float().square().mean().backward()
@@ -102,9 +110,7 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
     masked.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     masked_optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-4)
-    c, h = model.in_channels, model.x_embedder.img_size[0] if hasattr(model, "x_embedder") else model.patch_embed.img_size[0]
-    inputs = (torch.randn(config.batch, c, h, h, device=device), torch.rand(config.batch, device=device) * 1000,
-              torch.randint(0, model.num_classes, (config.batch,), device=device))
+    inputs = random_inputs(model, config.batch, device)
     fns = forwards(model, config.routes, compile_)
     fns["masked"] = torch.compile(masked) if compile_ else masked
     autocast = device.type == "cuda"

@@ -218,3 +218,31 @@ def test_handwritten_references_compute_what_the_splice_computes(name, routes, m
     monkeypatch.setattr(handwritten, "draw_keep", lambda *args, **kwargs: next(keeps))
     reference = handwritten.HANDWRITTEN[type(model)](model, *inputs, routes)
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# profile_step.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_profile_step_smoke(tmp_path):
+    profile_step = load("profile_step")
+    out = tmp_path / "profile_step_smoke.json"
+    profile_step.main(["--smoke", "--output", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    for variant in profile_step.VARIANTS:
+        ms = result["kernel_ms_per_step"][variant]
+        assert set(ms) == {*profile_step.CATEGORIES, "other"}
+        assert ms["matmul"] > 0 and ms["optimizer"] > 0  # the categories catch the step's real kernels
+        assert result["kernel_ms_total"][variant] == pytest.approx(sum(ms.values()))
+    assert math.isclose(sum(result["share_of_unwrapped"].values()), 1.0)
+    assert result["ideal_speedup"] > 1
+
+
+def test_profile_categories():
+    profile_step = load("profile_step")
+    assert profile_step.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert profile_step.category("aten::addmm") == "matmul"
+    assert profile_step.category("flash_fwd_kernel") == "attention"
+    assert profile_step.category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
+    assert profile_step.category("triton_poi_fused_add_mul_0") == "other"

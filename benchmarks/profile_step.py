@@ -1,0 +1,145 @@
+"""Where a routed training step's time goes: kernel time by category, unwrapped against routed.
+
+throughput.py reports achieved / FLOP-ideal speed-up; when it falls short, this script says why. It profiles
+the same training step (forward + backward + AdamW, bf16 autocast) of one model with torch.profiler, for the
+unwrapped and the routed variant, and sums the device time of every kernel into four categories:
+
+  matmul     GEMMs (the FLOPs that routing removes)
+  attention  fused attention kernels (their FLOPs shrink quadratically with the tokens kept)
+  optimizer  the AdamW update (a fixed cost: it touches every parameter whatever the token count)
+  other      everything else: norms, activations, modulation, embeddings, gathers and scatters
+
+The speed-up of each category, and the achieved / ideal ratio with the optimizer's fixed cost taken out,
+show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch.
+
+    python benchmarks/profile_step.py --models DiT-XL/2 --compile     # GPU
+    python benchmarks/profile_step.py --smoke                         # CPU, tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tokenroute
+
+from common import RESULTS, Timer, environment, write_json
+from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, step_flops
+
+CATEGORIES = {  # first match wins; names cover CUDA kernels and, for the CPU smoke run, aten ops
+    "optimizer": ("multi_tensor_apply", "adam", "_foreach"),
+    "attention": ("flash", "fmha", "sdpa", "attention", "scaled_dot_product"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
+}
+VARIANTS = ("unwrapped", "routed")
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for key, patterns in CATEGORIES.items():
+        if any(p in lowered for p in patterns):
+            return key
+    return "other"
+
+
+def kernel_ms(step, steps: int, device: torch.device) -> dict[str, float]:
+    """Device time per step (ms) of every category, from a profile of ``steps`` steps."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for event in prof.key_averages():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        totals[category(event.key)] += us / 1000 / steps
+    return totals
+
+
+def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = config.build().to(device).train()
+    tokenroute.wrap(model, config.routes, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs = random_inputs(model, config.batch, device)
+    eager = forwards(model, config.routes, False)
+    eager["routed"](*inputs)  # the first routed forward traces the graph
+    flops = {k: step_flops(eager[k], inputs) for k in VARIANTS}
+    model.zero_grad(set_to_none=True)
+    fns = forwards(model, config.routes, compile_)
+    steps_fn = {k: make_step(fns[k], optimizer, inputs, device.type == "cuda") for k in VARIANTS}
+    for fn in steps_fn.values():
+        for _ in range(warmup):
+            fn()
+    step_ms = {k: Timer(device)(steps_fn[k], steps) for k in VARIANTS}  # unprofiled, for comparison
+    ms = {k: kernel_ms(steps_fn[k], steps, device) for k in VARIANTS}
+    if not all(sum(v.values()) > 0 for v in ms.values()):
+        raise RuntimeError("the profile recorded no kernel time: is this torch's profiler built with CUDA support?")
+    total = {k: sum(v.values()) for k, v in ms.items()}
+    ideal = flops["unwrapped"] / flops["routed"]
+    without_optimizer = {k: total[k] - ms[k]["optimizer"] for k in VARIANTS}
+    result = {
+        "model": config.name, "batch": config.batch, "routes": config.routes, "compile": compile_,
+        "step_ms": step_ms,
+        "kernel_ms_per_step": ms,
+        "kernel_ms_total": total,
+        "share_of_unwrapped": {c: ms["unwrapped"][c] / total["unwrapped"] for c in ms["unwrapped"]},
+        "speedup_by_category": {c: ms["unwrapped"][c] / ms["routed"][c] if ms["routed"][c] else None
+                                for c in ms["unwrapped"]},
+        "ideal_speedup": ideal,
+        "kernel_speedup": total["unwrapped"] / total["routed"],
+        "kernel_achieved_over_ideal": total["unwrapped"] / total["routed"] / ideal,
+        "achieved_over_ideal_without_optimizer": without_optimizer["unwrapped"] / without_optimizer["routed"] / ideal,
+    }
+    del model, optimizer, fns, steps_fn, eager
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
+    parser.add_argument("--models", default="DiT-XL/2", help="comma-separated names from throughput.py")
+    parser.add_argument("--compile", action="store_true", help="also profile under torch.compile")
+    parser.add_argument("--steps", type=int, default=None, help="profiled steps per variant")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    configs = SMOKE_CONFIGS[:1] if args.smoke else [c for c in GPU_CONFIGS if c.name in args.models.split(",")]
+    if not configs:
+        parser.error(f"--models {args.models!r} names none of {[c.name for c in GPU_CONFIGS]}")
+    steps, warmup = args.steps or (1 if args.smoke else 5), args.warmup or (1 if args.smoke else 5)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = args.output or RESULTS / ("profile_step_smoke.json" if args.smoke else "profile_step.json")
+    payload = {"benchmark": "profile_step", "environment": environment(),
+               "config": {"profiled_steps": steps, "warmup_steps": warmup, "optimizer": "AdamW lr 1e-4",
+                          "autocast": "bf16" if device.type == "cuda" else None, "categories": CATEGORIES},
+               "results": []}
+    for compile_ in [False, True] if args.compile else [False]:
+        for config in configs:
+            r = profile_model(config, device, steps, warmup, compile_)
+            payload["results"].append(r)
+            write_json(out, payload)
+            print(f"{r['model']} {'compiled' if compile_ else 'eager'}: "
+                  + "  ".join(f"{c} {r['kernel_ms_per_step']['unwrapped'][c]:.1f}->{r['kernel_ms_per_step']['routed'][c]:.1f} ms"
+                              for c in r["kernel_ms_per_step"]["unwrapped"])
+                  + f" | ideal {r['ideal_speedup']:.2f}x kernels {r['kernel_speedup']:.2f}x "
+                  f"({r['kernel_achieved_over_ideal']:.2f} of ideal; {r['achieved_over_ideal_without_optimizer']:.2f} "
+                  "without the optimizer)", flush=True)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
