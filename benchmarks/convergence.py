@@ -16,8 +16,8 @@ Reported: FID against GPU seconds per variant; for each variant the GPU time it 
 baseline's final FID (linear interpolation between evaluations; null if never reached) and that time over
 the baseline's total (the target is <= 0.5); images per second of training.
 
-    python benchmarks/convergence.py                          # GPU: small preset, 150 s per variant
-    python benchmarks/convergence.py --budget-seconds 80 --evals 4 --num-samples 5000   # about 8 minutes
+    python benchmarks/convergence.py                          # GPU: small preset, 100 s per variant, ~17 min
+    python benchmarks/convergence.py --budget-seconds 60 --evals 2 --num-samples 5000   # about 6 minutes
     python benchmarks/convergence.py --variants baseline      # one variant now ...
     python benchmarks/convergence.py --variants tread_routes,tread_all --append         # ... the others later
     python benchmarks/convergence.py --smoke                  # CPU, tiny preset, seconds
@@ -95,8 +95,8 @@ TARGET_RATIO = 0.5
 
 SMOKE = dict(preset="tiny", budget_seconds=2.0, evals=2, num_samples=100, num_reference=1000, sample_steps=6,
              sample_batch=100)
-FULL = dict(preset="small", budget_seconds=150.0, evals=5, num_samples=10_000, num_reference=0, sample_steps=18,
-            sample_batch=1000)
+FULL = dict(preset="small", budget_seconds=100.0, evals=3, num_samples=10_000, num_reference=0, sample_steps=18,
+            sample_batch=1000, lr=3e-4)  # the settings of benchmarks/results/convergence.json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance at sampling; 1 = off")
     p.add_argument("--batch-size", type=int, default=None, help="default by preset (examples/common.py)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default by preset")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 (--smoke: by preset)")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay (warmed up as min(decay, (1 + step) / (10 + step)))")

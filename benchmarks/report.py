@@ -32,11 +32,29 @@ def throughput(path: Path = RESULTS / "throughput.json") -> str:
     return "\n".join(rows)
 
 
+def profile(path: Path = RESULTS / "profile_step.json") -> str:
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    rows = [f"Kernel time per training step by category, {env['device']}, torch {env['torch']} "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| model | matmul ms | attention ms | optimizer ms | other ms | kernel speed-up | FLOP-ideal | "
+            "kernel speed-up / ideal | same without the optimizer |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        ms = r["kernel_ms_per_step"]
+        cells = " | ".join(f"{ms['unwrapped'][c]:.1f} -> {ms['routed'][c]:.1f}"
+                           for c in ("matmul", "attention", "optimizer", "other"))
+        name = r["model"] + (" (compiled)" if r["compile"] else " (eager)")
+        rows.append(f"| {name} | {cells} | {r['kernel_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                    f"{r['kernel_achieved_over_ideal']:.2f} | {r['achieved_over_ideal_without_optimizer']:.2f} |")
+    return "\n".join(rows)
+
+
 def convergence(path: Path = RESULTS / "convergence.json") -> str:
     data = json.loads(path.read_text())
     env, config, summary = data["environment"], data["config"], data["summary"]
     rows = [f"Fashion-MNIST, DiT `{config.get('preset')}`, {env['device']}, {summary['baseline_gpu_seconds']:.0f} training "
-            f"GPU seconds per variant, FID of {config.get('num_samples')} samples against the test set on the features of "
+            f"GPU seconds per variant, AdamW lr {config.get('lr'):g}, FID of {config.get('num_samples')} samples against the test set on the features of "
             f"a classifier with {data['classifier']['test_accuracy']:.3f} test accuracy "
             f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
             "| variant | images/s | final FID | GPU time to the baseline's final FID | ratio to the baseline's time |",
@@ -51,4 +69,10 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
 if __name__ == "__main__":
     print(throughput())
     print()
+    print(throughput(RESULTS / "throughput_compiled.json"))
+    print()
+    print(profile())
+    print()
     print(convergence())
+    print()
+    print(convergence(RESULTS / "convergence_lr1e-4.json"))

@@ -81,6 +81,8 @@ def test_throughput_smoke(tmp_path):
         for figures in result["variants"].values():
             assert figures["ms_per_step"] > 0 and figures["images_per_s"] > 0 and figures["flops_per_step"] > 0
         assert result["ideal_speedup"] > 1  # routing removes FLOPs
+        assert result["meets_targets"] == throughput.meets_targets(result)
+        assert set(result["meets_targets"]) == {"routed_over_handwritten_time", "wrapped_off_over_unwrapped_time"}
         for key in ("achieved_speedup", "routed_over_handwritten_time", "wrapped_off_over_unwrapped_time"):
             assert math.isfinite(result[key]) and result[key] > 0
     assert is_png(out.with_suffix(".png"))
@@ -246,3 +248,17 @@ def test_profile_categories():
     assert profile_step.category("flash_fwd_kernel") == "attention"
     assert profile_step.category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
     assert profile_step.category("triton_poi_fused_add_mul_0") == "other"
+
+
+@pytest.mark.parametrize("model,achieved,routed,off,expected", [
+    ("DiT-XL/2", 0.96, 1.000, 0.999, {"achieved_over_ideal_dit_xl2": True, "routed_over_handwritten_time": True,
+                                      "wrapped_off_over_unwrapped_time": True}),
+    ("DiT-XL/2", 0.89, 1.02, 0.985, {"achieved_over_ideal_dit_xl2": False, "routed_over_handwritten_time": False,
+                                     "wrapped_off_over_unwrapped_time": False}),
+    ("DiT-B/2", 0.5, 0.99, 1.011, {"routed_over_handwritten_time": True, "wrapped_off_over_unwrapped_time": False}),
+])
+def test_throughput_targets(model, achieved, routed, off, expected):
+    throughput = load("throughput")
+    result = {"model": model, "achieved_over_ideal": achieved, "routed_over_handwritten_time": routed,
+              "wrapped_off_over_unwrapped_time": off}
+    assert throughput.meets_targets(result) == expected
