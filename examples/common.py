@@ -674,6 +674,19 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def run_config(args: Any, routes: Sequence[Any] | None) -> dict[str, Any]:
+    """The command-line arguments of a run, with its routes in their --routes spelling."""
+    return {**vars(args), "routes": format_routes(routes)}
+
+
+def run_facts(args: Any, routes: Sequence[Any] | None, accelerator: Any) -> dict[str, Any]:
+    """What every training summary records about the run: routes, arguments, processes and environment."""
+    return {"routes": [list(r) for r in routes] if routes else [], "config": run_config(args, routes),
+            "device": str(accelerator.device), "world_size": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "torch_version": torch.__version__,
+            "environment": environment()}
+
+
 def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}

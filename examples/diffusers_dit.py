@@ -190,12 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary = {
             "steps": args.max_steps, "images_per_s": images_run / train_time if args.max_steps else 0.0,
             "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start, "final_loss": last_loss,
-            "routes": [list(r) for r in routes] if routes else [],
             "model": {"class": "DiTTransformer2DModel", "config": dict(transformer.config),
                       "parameters": sum(p.numel() for p in transformer.parameters())},
-            "config": {**vars(args), "routes": common.format_routes(routes)}, "device": str(device),
-            "world_size": world, "mixed_precision": accelerator.mixed_precision, "torch_version": torch.__version__,
-            "environment": common.environment(),
+            **common.run_facts(args, routes, accelerator),
             "outputs": {"transformer": str(out_dir / "transformer"), "scheduler": str(out_dir / "scheduler"),
                         "samples": str(samples_path), "loss_csv": str(out_dir / "loss.csv"),
                         "loss_png": str(loss_png) if loss_png else None},

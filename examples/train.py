@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "routes": common.format_routes(routes), "objective": args.objective, "step": step},
                               tmp / "config.json")
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                        "args": {**vars(args), "routes": common.format_routes(routes)}, "world_size": world},
+                        "args": common.run_config(args, routes), "world_size": world},
                        tmp / "training_state.pt")
         accelerator.wait_for_everyone()
         if main_process:
@@ -395,17 +395,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "final_loss": losses[-1] if losses else None,
             "final_loss_mean": sum(tail) / len(tail) if tail else None,
             "epoch": batches.epoch(max(step - 1, 0)),
-            "routes": [list(r) for r in routes] if routes else [],
             "first_step_mask_checksums": first_checksums,
             "model": {"backbone": args.backbone, "preset": args.preset, "class": type(net).__name__,
                       "config": common.model_config(args.backbone, args.preset),
                       "parameters": sum(p.numel() for p in net.parameters()), "depth": depth,
                       "tokens": common.num_tokens(net)},
             "data": {"dir": str(data_folder), "images": len(images), "classes": common.NUM_CLASSES},
-            "config": {**vars(args), "routes": common.format_routes(routes)},
-            "device": str(device), "world_size": world, "mixed_precision": accelerator.mixed_precision,
-            "global_batch_size": args.batch_size * world, "torch_version": torch.__version__,
-            "environment": common.environment(),
+            **common.run_facts(args, routes, accelerator), "global_batch_size": args.batch_size * world,
             "outputs": {"samples": str(samples_path), "loss_csv": str(output / "loss.csv"),
                         "loss_png": str(loss_png) if loss_png else None, "checkpoint": str(last_checkpoint),
                         "summary": str(output / "summary.json")},
