@@ -25,6 +25,16 @@ def environment() -> dict[str, Any]:
     }
 
 
+def bench_device(cpu: bool = False, name: str | None = None) -> torch.device:
+    """``name`` if given, else the GPU unless ``cpu`` or none is present. On a GPU, matmuls may use TF32,
+    as training scripts set them to."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() and not cpu else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 class Timer:
     """Milliseconds of ``n`` calls of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
 

@@ -473,10 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     if args.budget_seconds <= 0 or args.evals < 1 or args.num_samples < 2 or args.chunk_steps < 1:
         parser.error("--budget-seconds must be > 0, --evals and --chunk-steps >= 1, --num-samples >= 2")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = fidlib.benchmarks_common().bench_device(cpu=args.smoke, name=args.device)
     output = args.output or fidlib.RESULTS_DIR / ("convergence_smoke.json" if args.smoke else "convergence.json")
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 

@@ -27,8 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import tokenroute
 
-from common import RESULTS, Timer, environment, write_json
-from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, step_flops
+from common import RESULTS, Timer, bench_device, environment, write_json
+from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, variant_flops
 
 CATEGORIES = {  # first match wins; names cover CUDA kernels and, for the CPU smoke run, aten ops
     "optimizer": ("multi_tensor_apply", "adam", "_foreach"),
@@ -70,9 +70,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = random_inputs(model, config.batch, device)
     eager = forwards(model, config.routes, False)
-    eager["routed"](*inputs)  # the first routed forward traces the graph
-    flops = {k: step_flops(eager[k], inputs) for k in VARIANTS}
-    model.zero_grad(set_to_none=True)
+    flops = variant_flops({k: eager[k] for k in VARIANTS}, inputs)
     fns = forwards(model, config.routes, compile_)
     steps_fn = {k: make_step(fns[k], optimizer, inputs, device.type == "cuda") for k in VARIANTS}
     for fn in steps_fn.values():
@@ -98,7 +96,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         "kernel_achieved_over_ideal": total["unwrapped"] / total["routed"] / ideal,
         "achieved_over_ideal_without_optimizer": without_optimizer["unwrapped"] / without_optimizer["routed"] / ideal,
     }
-    del model, optimizer, fns, steps_fn, eager
+    del model, optimizer, fns, steps_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -114,14 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    device = bench_device(cpu=args.smoke)
     configs = SMOKE_CONFIGS[:1] if args.smoke else [c for c in GPU_CONFIGS if c.name in args.models.split(",")]
     if not configs:
         parser.error(f"--models {args.models!r} names none of {[c.name for c in GPU_CONFIGS]}")
     steps, warmup = args.steps or (1 if args.smoke else 5), args.warmup or (1 if args.smoke else 5)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     out = args.output or RESULTS / ("profile_step_smoke.json" if args.smoke else "profile_step.json")
     payload = {"benchmark": "profile_step", "environment": environment(),
                "config": {"profiled_steps": steps, "warmup_steps": warmup, "optimizer": "AdamW lr 1e-4",

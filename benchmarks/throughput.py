@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenroute
 from tokenroute.models import DiffusionMamba, DiT, UViT
 
-from common import RESULTS, Timer, environment, median, write_json
+from common import RESULTS, Timer, bench_device, environment, median, write_json
 from handwritten import HANDWRITTEN
 
 
@@ -100,6 +100,19 @@ def step_flops(forward, inputs) -> int:
     return counter.get_total_flops()
 
 
+def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[str, int]:
+    """FLOPs of one training step of each variant. A wrapped model traces its graph at its first routed
+    forward: that forward runs before the counts, outside them. The gradients the counts leave are cleared."""
+    models = [fn for fn in fns.values() if isinstance(fn, torch.nn.Module)]
+    for model in models:
+        if tokenroute.is_wrapped(model):
+            model(*inputs)
+    flops = {k: step_flops(fn, inputs) for k, fn in fns.items()}
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    return flops
+
+
 def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: int, compile_: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model = config.build().to(device).train()
@@ -117,13 +130,7 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
     steps_fn = {k: make_step(f, masked_optimizer if k == "masked" else optimizer, inputs, autocast)
                 for k, f in fns.items()}
 
-    eager = forwards(model, config.routes, False)
-    eager["masked"] = masked
-    eager["routed"](*inputs)  # the first routed forward traces the graph: keep it out of the counts
-    masked(*inputs)
-    flops = {k: step_flops(eager[k], inputs) for k in VARIANTS}
-    model.zero_grad(set_to_none=True)
-    masked.zero_grad(set_to_none=True)
+    flops = variant_flops({**forwards(model, config.routes, False), "masked": masked}, inputs)
 
     for fn in steps_fn.values():  # warm-up (compilation, autotuning, allocator)
         for _ in range(warmup):
@@ -157,7 +164,7 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         "masked_ideal_speedup": flops["unwrapped"] / flops["masked"],
         "masked_speedup": ms["unwrapped"] / ms["masked"],
     }
-    del model, masked, optimizer, masked_optimizer, fns, steps_fn, eager
+    del model, masked, optimizer, masked_optimizer, fns, steps_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    device = bench_device(cpu=args.smoke)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     if args.models:
         wanted = args.models.split(",")
@@ -221,9 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (2 if args.smoke else 10)
     reps = args.reps or (2 if args.smoke else 7)
     warmup = args.warmup or (1 if args.smoke else 5)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     out = args.output or RESULTS / ("throughput_smoke.json" if args.smoke else "throughput.json")
     payload = {"benchmark": "throughput", "environment": environment(),
