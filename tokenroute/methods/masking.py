@@ -9,8 +9,8 @@ and ``tokenroute.losses.combine(..., mode="visible", mae=..., mae_weight=0.1)`` 
 
 Decoders: ``decoder=k`` uses the last k blocks of the stack (no new architecture, as MDT); ``decoder=
 Decoder(depth=...)`` adds fresh copies of the stack's last block after it, with their own learned position
-embedding, or, with ``width=`` and ``block=``, a narrower stack of its own (MaskDiT's asymmetric decoder). At eval nothing is dropped; with an added
-decoder, eval equals running the backbone and then the decoder.
+embedding, or, with ``width=`` and ``block=``, a narrower stack of its own (MaskDiT's asymmetric decoder).
+At eval nothing is dropped; with an added decoder, eval equals running the backbone and then the decoder.
 
 Unmasking tuning, as MaskDiT ends its training: ``tokenroute.set_ratio(model, 0.0)``.
 """
@@ -134,6 +134,7 @@ def mask(
     ratio = check_ratio(ratio, "mask ratio")
     stack = find_stack(model, blocks)
     depth = len(stack)
+    dim = _width(stack.owner, stack.blocks)
     added = isinstance(decoder, Decoder)
     if not added and (isinstance(decoder, bool) or not isinstance(decoder, int)):
         raise RouteError(f"decoder {decoder!r} is neither a number of blocks nor a tokenroute.Decoder")
@@ -145,7 +146,8 @@ def mask(
         if spec.stream_output is not None:
             raise RouteError(f"an added decoder needs blocks that return the token stream; "
                              f"{type(stack.blocks[-1]).__name__} returns a tuple: use decoder=k instead")
-        token_inputs = [n for n in spec.token_args if n in inspect.signature(stack.blocks[-1].forward).parameters]
+        parameters = inspect.signature(stack.blocks[-1].forward).parameters
+        token_inputs = [n for n in spec.token_args if n in parameters]
         if token_inputs:
             raise RouteError(f"an added decoder copies the stack's last block, which takes the token-aligned input "
                              f"{token_inputs[0]!r} that a decoder after the stack cannot supply; use decoder=k")
@@ -153,19 +155,16 @@ def mask(
             raise RouteError("Decoder(width=..., block=...) go together: a block of another width cannot be copied "
                              "from the stack; give both, or neither for copies at the model's width")
         num_tokens = decoder.num_tokens or _num_tokens(stack.owner)
-        arguments = [n for n in inspect.signature(stack.blocks[-1].forward).parameters if n != spec.stream
-                     and spec.role(n) != "tokens"]
-        dec = MaskDecoder(stack.blocks[-1], decoder, num_tokens, _width(stack.owner, stack.blocks), arguments)
+        arguments = [n for n in parameters if n != spec.stream and spec.role(n) != "tokens"]
+        dec = MaskDecoder(stack.blocks[-1], decoder, num_tokens, dim, arguments)
     else:
         if not 1 <= decoder < depth:
             raise RouteError(f"a decoder of {decoder} blocks does not fit a stack of {depth}: give 1..{depth - 1}")
         encoder_end = depth - 1 - decoder
         dec = None
-    masking = TokenMasking(_width(stack.owner, stack.blocks), dec)
-    extension = Extension(fills=None, modules={MODULE_NAME: masking}, after_stack=dec, always_splice=added,
-                          name="masked training")
-    all_routes = [Route(0, encoder_end, ratio), *routes]
-    extension.fills = [masking.fill] + [None] * len(routes)
-    wrap(model, all_routes, blocks=blocks, seed=seed, prefix_tokens=prefix_tokens, mechanism=mechanism,
+    masking = TokenMasking(dim, dec)
+    extension = Extension(fills=[masking.fill] + [None] * len(routes), modules={MODULE_NAME: masking},
+                          after_stack=dec, always_splice=added, name="masked training")
+    wrap(model, [Route(0, encoder_end, ratio), *routes], blocks=blocks, seed=seed, prefix_tokens=prefix_tokens, mechanism=mechanism,
          _extension=extension)
     return model
