@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from .combine import _describe
 from .patches import patchify_pixels, per_token
 
 
@@ -55,8 +56,7 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 def _check_x0(x0: Tensor) -> None:
     if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 2:
-        got = f"{x0.dtype} of shape {tuple(x0.shape)}" if isinstance(x0, Tensor) else type(x0).__name__
-        raise ValueError(f"x0 must be a float tensor (B, C, ...), got {got}.")
+        raise ValueError(f"x0 must be a float tensor (B, C, ...), got {_describe(x0)}.")
 
 
 def _output_tensor(out: Any) -> Tensor:
