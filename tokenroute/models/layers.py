@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses.patches import patchify_pixels, unpatchify_pixels
+
 __all__ = [
     "Attention",
     "LabelEmbedder",
@@ -55,15 +57,10 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
     Tokens are in row-major (h, w) order. Each token's features are laid out as (p, p, C), i.e. feature
     ``(i * p + j) * C + c`` is pixel ``(i, j)`` of the patch in channel ``c`` (the layout DiT's final
-    linear layer produces, so ``unpatchify`` of a head output needs no extra permutation).
+    linear layer produces, so ``unpatchify`` of a head output needs no extra permutation). The layout is
+    the one per-token losses use (``tokenroute.losses.patchify_pixels``).
     """
-    b, c, h, w = x.shape
-    if h % p or w % p:
-        raise ValueError(f"image size {(h, w)} is not divisible by patch size {p}")
-    gh, gw = h // p, w // p
-    x = x.reshape(b, c, gh, p, gw, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(b, gh * gw, p * p * c)
+    return patchify_pixels(x, p)
 
 
 def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.Tensor:
@@ -78,9 +75,7 @@ def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.Te
             f"cannot unpatchify tokens of shape {tuple(tokens.shape)} into a {h}x{w} grid of "
             f"{p}x{p}x{c} patches (expected ({b}, {h * w}, {p * p * c}))"
         )
-    x = tokens.reshape(b, h, w, p, p, c)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, c, h * p, w * p)
+    return unpatchify_pixels(tokens, p, (h * p, w * p))
 
 
 def prepend_tokens(patches: torch.Tensor, *prefix: torch.Tensor) -> torch.Tensor:
