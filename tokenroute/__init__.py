@@ -11,6 +11,6 @@ from . import losses, sampling
 
 __version__ = "0.1.0"
 
-__all__ = ["losses", "sampling", "Decoder", "mask", "set_ratio", "BLOCK_REGISTRY", "BlockSpec", "Route", "RouteError", "explain", "is_wrapped",
-           "load_routing_state_dict", "register_block", "routing", "routing_masks", "routing_state_dict",
-           "unwrap", "wrap"]
+__all__ = ["BLOCK_REGISTRY", "BlockSpec", "Decoder", "Route", "RouteError", "explain", "is_wrapped",
+           "load_routing_state_dict", "losses", "mask", "register_block", "routing", "routing_masks",
+           "routing_state_dict", "sampling", "set_ratio", "unwrap", "wrap"]

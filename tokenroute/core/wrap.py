@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 import inspect
 import types
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch

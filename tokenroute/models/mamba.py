@@ -22,11 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (
-    PrefixTokenBackbone,
-    from_preset,
-    tokens_to_image,
-)
+from .layers import PrefixTokenBackbone, from_preset, tokens_to_image
 
 __all__ = ["MAMBA_PRESETS", "DiffusionMamba", "MambaBlock", "MambaMixer", "selective_scan", "selective_scan_ref"]
 
@@ -193,7 +189,6 @@ class DiffusionMamba(PrefixTokenBackbone):
     Conditioning enters as two prefix tokens ``[time, label]`` scanned before the patches, so every patch
     token sees it. ``y == num_classes`` is the null label (see ``LabelEmbedder``).
     """
-
 
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 768, depth: int = 12, d_state: int = 16, d_conv: int = 4, expand: int = 2,

@@ -12,13 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .layers import (
-    PrefixTokenBackbone,
-    Attention,
-    Mlp,
-    from_preset,
-    tokens_to_image,
-)
+from .layers import Attention, Mlp, PrefixTokenBackbone, from_preset, tokens_to_image
 
 __all__ = ["UVIT_PRESETS", "UViT", "UViTBlock"]
 
@@ -60,7 +54,6 @@ class UViT(PrefixTokenBackbone):
     (an odd depth is exact; an even one gives ``depth + 1`` blocks, as in the U-ViT code).
     ``y == num_classes`` is the null label (see ``LabelEmbedder``).
     """
-
 
     def __init__(self, input_size: int | tuple[int, int] = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 512, depth: int = 13, num_heads: int = 8, mlp_ratio: float = 4.0,
