@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import tokenroute
 from tokenroute.losses import EDM, FlowMatching
+from tokenroute.models import BACKBONES
 from tokenroute.sampling import guided_prediction
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
@@ -225,7 +226,7 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
 # Backbones for 32x32x1 Fashion-MNIST
 # ------------------------------------------------------------------------------------------------
 
-BACKBONE_NAMES = ("dit", "uvit", "mamba")
+BACKBONE_NAMES = tuple(BACKBONES)  # dit, uvit, mamba
 PRESET_NAMES = ("tiny", "small", "base")
 COMMON = dict(input_size=IMAGE_SIZE, in_channels=1, num_classes=NUM_CLASSES)
 # tiny: CPU smoke runs (patch 4 -> 64 tokens); small: about DiT-S/2; base: about DiT-B/2 (patch 2 -> 256 tokens).
@@ -250,7 +251,6 @@ EXAMPLE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Training defaults per preset: per-device batch size and learning rate (small models take a higher one).
 PRESET_DEFAULTS = {"tiny": dict(batch_size=32, lr=1e-3), "small": dict(batch_size=128, lr=1e-4),
                    "base": dict(batch_size=128, lr=1e-4)}
-_CLASSES = {"dit": "DiT", "uvit": "UViT", "mamba": "DiffusionMamba"}
 
 
 def model_config(backbone: str, preset: str) -> dict[str, Any]:
@@ -264,9 +264,7 @@ def model_config(backbone: str, preset: str) -> dict[str, Any]:
 
 def build_model(backbone: str, preset: str, **overrides: Any) -> nn.Module:
     """A fresh, unwrapped backbone (tokenroute.models) for 32x32 single-channel images with 10 classes."""
-    import tokenroute.models as models
-
-    return getattr(models, _CLASSES[backbone])(**{**model_config(backbone, preset), **overrides})
+    return BACKBONES[backbone](**{**model_config(backbone, preset), **overrides})
 
 
 def stack_depth(model: nn.Module) -> int:
