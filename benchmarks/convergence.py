@@ -291,17 +291,14 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
         x0 = common.to_model_range(images[idx])
         y = labels[idx]
         g = common.step_generator(args.seed, index, 0, device)
-        drop = torch.rand(y.shape, generator=g, device=device) < args.label_dropout
-        y = torch.where(drop, torch.full_like(y, null_label), y)  # label dropout: the null label is num_classes
+        y = common.drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
         batch = objective.prepare(x0, generator=g)
         prediction = objective.predict(model_fn, batch, y).float()
         per_token = objective.per_token_loss(prediction, batch, patch_size)
         masks = tokenroute.routing_masks(model) if routed else []
         extra = dict(combine_kwargs)
         if mae_weight > 0:
-            from tokenroute.losses import mae_loss, mae_target, patchify_pixels
-
-            extra["mae"] = mae_loss(patchify_pixels(prediction, patch_size), mae_target(batch.model_input, patch_size))
+            extra["mae"] = common.mae_term(prediction, batch, patch_size)
         loss, parts = tokenroute.losses.combine(per_token, masks, mode=variant.loss_mode, **extra)
         loss.backward()
         if update:

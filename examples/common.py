@@ -216,6 +216,20 @@ class StepBatches:
         return self._perm[start:start + self.batch_size]
 
 
+def drop_labels(labels: torch.Tensor, probability: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label becomes the null label with this probability."""
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def mae_term(prediction: torch.Tensor, batch: Any, patch_size: int) -> torch.Tensor:
+    """MaskDiT's per-token MAE loss (B, N): the prediction's patches against the normalised noisy input's,
+    for ``tokenroute.losses.combine(..., mae=...)``."""
+    from tokenroute.losses import mae_loss, mae_target, patchify_pixels
+
+    return mae_loss(patchify_pixels(prediction.float(), patch_size), mae_target(batch.model_input.float(), patch_size))
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator for one step's noise, time and label dropout: seeded by (seed, step, rank), so a resumed
     run draws the same numbers without saving generator state."""

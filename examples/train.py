@@ -311,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x0 = common.to_model_range(images[idx])
         y = labels[idx]
         g = common.step_generator(args.seed, step, rank, device)
-        drop = torch.rand(y.shape, generator=g, device=device) < args.label_dropout
-        y = torch.where(drop, torch.full_like(y, null_label), y)  # label dropout: the null label is num_classes
+        y = common.drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
 
         batch = objective.prepare(x0, generator=g)
         prediction = objective.predict(task.backbone_fn(model), batch, y)
@@ -322,9 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
         extra = {}
         if args.mask is not None:  # MaskDiT's MAE term on the dropped tokens, target: the normalised noisy input
-            extra = dict(mae=tokenroute.losses.mae_loss(
-                tokenroute.losses.patchify_pixels(prediction.float(), patch_size),
-                tokenroute.losses.mae_target(batch.model_input.float(), patch_size)), mae_weight=args.mae_weight)
+            extra = dict(mae=common.mae_term(prediction, batch, patch_size), mae_weight=args.mae_weight)
         loss, parts = tokenroute.losses.combine(per_token, masks, mode=args.loss_mode, **extra)
 
         accelerator.backward(loss)
