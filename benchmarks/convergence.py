@@ -162,24 +162,15 @@ def cpu_name() -> str:
 
 
 class StepClock:
-    """Seconds of training work: CUDA events around each chunk of steps on a GPU, the wall clock on a CPU."""
+    """Seconds of training work, summed: CUDA events around each chunk of steps on a GPU, the wall clock on a
+    CPU (benchmarks/common.py's Timer)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.timer = fidlib.benchmarks_common().Timer(device)
         self.seconds = 0.0
 
     def run(self, fn: Callable[[], None]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            took = start.elapsed_time(end) / 1000
-        else:
-            began = time.perf_counter()
-            fn()
-            took = time.perf_counter() - began
+        took = self.timer(fn, 1) / 1000
         self.seconds += took
         return took
 
