@@ -3,14 +3,19 @@
     model = tokenroute.wrap(model, routes=[(2, 8, 0.5)])
 """
 
-from .core import (BLOCK_REGISTRY, BlockSpec, Route, RouteError, explain, is_wrapped, load_routing_state_dict,
-                   register_block, routing, routing_masks, routing_state_dict, set_ratio, unwrap, wrap)
-from .methods.masking import Decoder, mask
+from .api import mask, unwrap, wrap
+from .core import (BLOCK_REGISTRY, BlockSpec, Branch, Route, RouteError, block_branches, explain, is_wrapped,
+                   load_routing_state_dict, register_block, reset_state, routing, routing_masks, routing_state_dict,
+                   set_ratio)
+from .methods import (Decoder, MaskingConfig, TreadConfig, apply_masking, apply_tread, remove_masking,
+                      remove_tread)
 
 from . import losses, sampling
 
 __version__ = "0.1.0"
 
-__all__ = ["BLOCK_REGISTRY", "BlockSpec", "Decoder", "Route", "RouteError", "explain", "is_wrapped",
-           "load_routing_state_dict", "losses", "mask", "register_block", "routing", "routing_masks",
-           "routing_state_dict", "sampling", "set_ratio", "unwrap", "wrap"]
+__all__ = ["BLOCK_REGISTRY", "BlockSpec", "Branch", "Decoder", "MaskingConfig", "Route", "RouteError",
+           "TreadConfig", "apply_masking", "apply_tread", "block_branches", "explain", "is_wrapped",
+           "load_routing_state_dict", "losses", "mask", "register_block", "remove_masking", "remove_tread",
+           "reset_state", "routing", "routing_masks", "routing_state_dict", "sampling", "set_ratio", "unwrap",
+           "wrap"]

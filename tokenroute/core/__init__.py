@@ -1,12 +1,21 @@
-"""The routing core: find the block stack, splice route boundaries into it, undo it."""
+"""The shared machinery: find the block stack, plan the segments every method adds, splice them in, undo it.
 
+Flow: ``stack`` (the blocks and their facts, ``registry``) -> ``boundary.Plan`` (segments and stages from the
+applied ``patches``) -> ``splice`` (``graph_splice`` or ``hook_splice``) carrying out ``operations`` at
+each boundary.
+"""
+
+from .boundary import Plan, Segment, Stage
+from .control import (is_wrapped, load_routing_state_dict, routing, routing_masks, routing_state_dict,
+                      set_ratio)
 from .explain import explain
-from .registry import BLOCK_REGISTRY, BlockSpec, register_block
+from .operations import MaskTokens, SkipTokens, TokenOperation
+from .patches import Patch, PatchRegistry, apply_patch, remove_patch, reset_state
+from .registry import BLOCK_REGISTRY, BlockSpec, Branch, block_branches, register_block
 from .route import Route, RouteError
 from .stack import BlockStack, find_stack
-from .wrap import (Extension, is_wrapped, load_routing_state_dict, routing, routing_masks, routing_state_dict,
-                   set_ratio, unwrap, wrap)
 
-__all__ = ["BLOCK_REGISTRY", "BlockSpec", "BlockStack", "Route", "RouteError", "explain", "find_stack",
-           "is_wrapped", "load_routing_state_dict", "register_block", "routing", "routing_masks",
-           "routing_state_dict", "set_ratio", "unwrap", "wrap", "Extension"]
+__all__ = ["BLOCK_REGISTRY", "BlockSpec", "BlockStack", "Branch", "MaskTokens", "Patch", "PatchRegistry", "Plan",
+           "Route", "RouteError", "Segment", "SkipTokens", "Stage", "TokenOperation", "apply_patch",
+           "block_branches", "explain", "find_stack", "is_wrapped", "load_routing_state_dict", "register_block",
+           "remove_patch", "reset_state", "routing", "routing_masks", "routing_state_dict", "set_ratio"]

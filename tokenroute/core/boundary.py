@@ -1,138 +1,154 @@
-"""What happens at a route's boundaries, shared by the graph splice and the module-level splice.
+"""The splice plan and what happens at its boundaries, shared by the graph splice and the module-level splice.
 
-At the start: draw the kept tokens, remember the full stream, gather every token-aligned value that
-enters the route. At the end: every routed value that leaves the route is scattered back into the
-route-start stream, so a skipped token leaves with exactly the value it had when the route began
-(the route acts as the identity on skipped tokens).
+A plan is what every applied method contributes to the block stack: segments (a route and the token
+operation it applies) and stages (a module run on the stream after a block, e.g. an added decoder).
+``Boundaries`` carries out the plan for one forward at a time: at a segment's start it begins the operation
+and passes every value entering the segment through it; at its end every routed value leaving goes back
+through it; after a stage's block it runs the stage. Both mechanisms call these and nothing else, so a
+boundary behaviour is written once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
-from torch.utils._pytree import tree_map
+import torch.nn as nn
 
-from .route import Route, RouteError
-from .selection import RoutingGenerator, check_protect, draw_keep
-from .tokens import gather_table, gather_tokens, scatter_tokens, with_prefix
+from .operations import TokenOperation
+from .route import Route, RouteError, check_ratio
 
 
 @dataclass
-class RouteRun:
-    """One route's state during one forward."""
+class Segment:
+    """A route of the stack and the token operation it applies; ``method`` names the patch it came from."""
 
-    keep: torch.Tensor  # (B, K) kept routable tokens, ascending
-    index: torch.Tensor | None  # (B, P + K) kept positions in the stream, prefix tokens included
-    base: torch.Tensor | None  # what skipped tokens come back as: the route-start stream (TREAD), or a fill
-    length: int  # L, full stream length
-    kept_length: int  # P + K
-    num_tokens: int  # N routable tokens
+    route: Route
+    operation: TokenOperation
+    method: str
 
 
-class RoutingState:
-    """Everything a wrapped model carries: routes, options, the generator and the last forward's draws."""
+@dataclass
+class Stage:
+    """A module run on the stream right after block ``after`` (and after a route ending there), called with
+    that block's other arguments as they were before any route reduced them. ``needed_in_eval``: eval
+    forwards run the splice too (with nothing dropped) so the stage runs."""
 
-    def __init__(self, routes: list[Route], *, seed: int | None, prefix_tokens: int,
-                 protect: Any = None, fills: list[Any] | None = None):
-        self.routes = routes
-        # per route: None (skipped tokens return with their route-start values) or a function of the
-        # route-start stream giving what they return as (masked training: a learnable mask token)
-        self.fills = fills or [None] * len(routes)
-        self.prefix_tokens = prefix_tokens
-        self.protect = protect
-        self.generator = RoutingGenerator(seed)
-        self.force: bool | None = None  # True: route in eval too; False: never route
-        self.ratio_override: list[float] | None = None
-        self.runs: list[RouteRun | None] = [None] * len(routes)
+    after: int
+    module: nn.Module
+    method: str
+    needed_in_eval: bool = True
+
+
+@dataclass
+class Plan:
+    """Every segment and stage on the stack, in block order; the prefix tokens no segment routes."""
+
+    segments: list[Segment] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    prefix_tokens: int = 0
+
+    @property
+    def routes(self) -> list[Route]:
+        return [s.route for s in self.segments]
+
+    @property
+    def needed_in_eval(self) -> bool:
+        return any(stage.needed_in_eval for stage in self.stages)
+
+    def route_of(self) -> dict[int, int]:
+        """Block position -> index of the segment containing it."""
+        return {b: i for i, s in enumerate(self.segments) for b in range(s.route.start, s.route.end + 1)}
+
+
+@dataclass
+class Overrides:
+    """What ``tokenroute.routing(...)`` changes for the calls inside its block."""
+
+    enabled: bool | None = None  # True: route in eval too; False: never route
+    ratios: list[float] | None = None
+
+
+class Boundaries:
+    """Carries out a plan, one forward at a time. Holds the per-forward runs and the last forward's draws."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.overrides = Overrides()
+        self.runs: list[Any] = [None] * len(plan.segments)
+        self.routing = False  # this forward drops tokens
         self.routed_last_forward = False
 
-    # -- per forward --------------------------------------------------------------------------
+    # -- per forward ---------------------------------------------------------------------------------------
     def active(self, training: bool) -> bool:
-        return training if self.force is None else self.force
+        return training if self.overrides.enabled is None else self.overrides.enabled
 
     def begin_forward(self, routing: bool) -> None:
-        self.runs = [None] * len(self.routes)
-        self.routed_last_forward = routing
-
-    def ratio(self, i: int) -> float:
-        return self.routes[i].ratio if self.ratio_override is None else self.ratio_override[i]
-
-    # -- boundaries ---------------------------------------------------------------------------
-    def start(self, i: int, stream: torch.Tensor, shared: bool = False) -> RouteRun:
-        """Draw the kept tokens of route ``i`` for this forward's stream (B, L, ...)."""
-        if stream.dim() < 2:
-            raise RouteError(f"route {i}: the token stream has shape {tuple(stream.shape)}; expected (B, L, ...)")
-        batch, length = stream.shape[0], stream.shape[1]
-        prefix = self.prefix_tokens
-        num_tokens = length - prefix
-        if num_tokens <= 0:
-            raise RouteError(f"route {i}: {length} tokens with {prefix} prefix tokens leave none to route")
-        route = self.routes[i]
-        num_keep = num_tokens - route.num_skip(num_tokens, self.ratio(i))
-        routable = stream[:, prefix:] if prefix else stream
-        protect = self.protect(routable) if callable(self.protect) else self.protect
-        if protect is not None:
-            protect = check_protect(protect, batch, num_tokens, num_keep)
-        keep = draw_keep(routable, num_keep, self.generator.get(stream.device), shared=shared,
-                         protect=protect, selector=route.selector)
-        index = with_prefix(keep, prefix)
-        fill = self.fills[i]
-        base = stream if fill is None else fill(stream)
-        run = RouteRun(keep, index, base, length, prefix + num_keep, num_tokens)
-        self.runs[i] = run
-        return run
+        self.runs = [None] * len(self.plan.segments)
+        self.routing = self.routed_last_forward = routing
 
     def end_forward(self) -> None:
-        """Keep only what routing_masks needs: the route-start tensors would pin activations and make
-        the model impossible to deep-copy (an EMA copy) while they hang on to the autograd graph."""
-        self.runs = [None if run is None else RouteRun(run.keep.detach(), None, None, run.length, run.kept_length,
-                                                       run.num_tokens) for run in self.runs]
+        """Keep only what ``masks`` needs, not the route-start tensors."""
+        self.runs = [getattr(run, "released", lambda: run)() if run is not None else None for run in self.runs]
 
-    def masks(self) -> list[torch.Tensor]:
-        """(B, N) per route, True where the token skipped the route."""
+    def ratio(self, i: int) -> float:
+        if not self.routing:
+            return 0.0
+        ratios = self.overrides.ratios
+        return self.plan.segments[i].route.ratio if ratios is None else ratios[i]
+
+    # -- boundaries ----------------------------------------------------------------------------------------
+    def enter(self, i: int, stream: torch.Tensor, values: tuple[Any, ...], roles: list[str],
+              shared: bool) -> tuple[Any, ...]:
+        """Segment ``i`` starts on ``stream``: begin its operation, pass each entering value through it."""
+        segment = self.plan.segments[i]
+        run = segment.operation.begin(segment.route, stream, prefix=self.plan.prefix_tokens, ratio=self.ratio(i),
+                                      shared=shared)
+        self.runs[i] = run
+        return self.reduce(i, values, roles)
+
+    def reduce(self, i: int, values: tuple[Any, ...], roles: list[str]) -> tuple[Any, ...]:
+        """Pass values made before segment ``i`` through its running operation, as they enter it."""
+        operation, run = self.plan.segments[i].operation, self.runs[i]
+        return tuple(operation.enter(run, v, role) for v, role in zip(values, roles))
+
+    def exit(self, i: int, values: tuple[Any, ...], routed: list[bool]) -> tuple[Any, ...]:
+        """Segment ``i`` ends: every routed value leaving it goes back through its operation."""
+        operation, run = self.plan.segments[i].operation, self.runs[i]
+        return tuple(operation.exit(run, v) if r else v for v, r in zip(values, routed))
+
+    def after_block(self, stage: int, stream: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+        return self.plan.stages[stage].module(stream, **arguments)
+
+    # -- after a forward -----------------------------------------------------------------------------------
+    def masks(self, method: str | None = None) -> list[torch.Tensor]:
+        """(B, N) per segment (of ``method``, or all), True where the token skipped it; [] when the last
+        forward did not route."""
         if not self.routed_last_forward or any(run is None for run in self.runs):
             return []
         out = []
-        for run in self.runs:
-            mask = torch.ones(run.keep.shape[0], run.num_tokens, dtype=torch.bool, device=run.keep.device)
-            out.append(mask.scatter(1, run.keep, False))
+        for segment, run in zip(self.plan.segments, self.runs):
+            mask = segment.operation.mask(run)
+            if mask is not None and (method is None or segment.method == method):
+                out.append(mask)
         return out
 
+    def checked_ratios(self, ratio: float | list[float] | tuple[float, ...]) -> list[float]:
+        """One ratio per segment from a float or a sequence, each checked."""
+        count = len(self.plan.segments)
+        ratios = [ratio] * count if isinstance(ratio, (int, float)) else list(ratio)
+        if len(ratios) != count:
+            raise RouteError(f"{len(ratios)} ratios given for {count} routes")
+        return [check_ratio(r) for r in ratios]
 
-def is_token_aligned(value: Any, batch: int, length: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length \
-        and value.shape[0] in (batch, 1)
-
-
-def gather_value(run: RouteRun, value: Any, role: str) -> Any:
-    """The part of ``value`` that enters the route, by role ('tokens', 'table', 'auto', 'pass')."""
-    if role == "pass" or value is None:
-        return value
-    batch = run.base.shape[0]
-    if role == "table":
-        return tree_map(lambda t: gather_table(t, run.index, run.length) if isinstance(t, torch.Tensor) else t, value)
-    if role == "tokens" and isinstance(value, torch.Tensor) and not is_token_aligned(value, batch, run.length):
-        raise RouteError(
-            f"a token-aligned argument has shape {tuple(value.shape)} but the stream has {run.length} tokens "
-            f"in a batch of {batch}; register the block's arguments with tokenroute.register_block"
-        )
-    return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, batch, run.length) else t, value)
-
-
-def scatter_value(run: RouteRun, value: Any) -> Any:
-    """``value`` leaving the route: kept-length token tensors return to full length around the base."""
-    batch = run.base.shape[0]
-
-    def back(t: Any) -> Any:
-        if not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == batch and t.shape[1] == run.kept_length):
-            return t
-        if t.shape[2:] != run.base.shape[2:]:
-            raise RouteError(
-                f"a tensor of shape {tuple(t.shape)} leaves the route but the stream at the route's start had "
-                f"shape {tuple(run.base.shape)}; skipped tokens cannot be restored into it"
-            )
-        return scatter_tokens(run.base, run.index, t)
-
-    return tree_map(back, value)
+    @contextlib.contextmanager
+    def override(self, *, ratios: list[float] | None = None, enabled: bool | None = None) -> Iterator[None]:
+        saved = self.overrides
+        self.overrides = Overrides(saved.enabled if enabled is None else enabled,
+                                   saved.ratios if ratios is None else ratios)
+        try:
+            yield
+        finally:
+            self.overrides = saved

@@ -18,14 +18,14 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .boundary import RoutingState, gather_value, scatter_value
+from .boundary import Boundaries
 from .registry import BlockSpec, bind_arguments
 from .route import RouteError
 from .stack import BlockStack
 from .tracer import ConcreteTracer
 
 ROOT = "owner"
-_TENSOR = object()  # marks where a call's tensor leaves go among its constant leaves
+TENSOR = object()  # marks where a call's tensor leaves go among its constant leaves
 
 
 class _Call(nn.Module):
@@ -37,39 +37,48 @@ class _Call(nn.Module):
         self.owner = owner
         self._forward = forward
         self._in_spec = in_spec
-        self._constants = constants  # the call's leaves: constants, and _TENSOR where a tensor goes
+        self._constants = constants  # the call's leaves: constants, and TENSOR where a tensor goes
         self.out_spec: TreeSpec | None = None
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         given = iter(range(len(tensors)))
-        leaves = [tensors[next(given)] if c is _TENSOR else c for c in self._constants]
+        leaves = [tensors[next(given)] if c is TENSOR else c for c in self._constants]
         args, kwargs = tree_unflatten(leaves, self._in_spec)
         flat, self.out_spec = tree_flatten(self._forward(self.owner, *args, **kwargs))
         return tuple(flat)
 
 
 class RouteStart(nn.Module):
-    """Draws route ``index``'s kept tokens and gathers the values that enter the route."""
+    """Segment ``index`` starts: its operation begins and reduces the values that enter it."""
 
-    def __init__(self, state: RoutingState, index: int, roles: list[str], shared: bool):
+    def __init__(self, boundaries: Boundaries, index: int, roles: list[str], shared: bool):
         super().__init__()
-        self.state, self.index, self.roles, self.shared = state, index, roles, shared
+        self.boundaries, self.index, self.roles, self.shared = boundaries, index, roles, shared
 
     def forward(self, stream: torch.Tensor, *values: Any) -> tuple[Any, ...]:
-        run = self.state.start(self.index, stream, shared=self.shared)
-        return tuple(gather_value(run, v, role) for v, role in zip(values, self.roles))
+        return self.boundaries.enter(self.index, stream, values, self.roles, self.shared)
 
 
 class RouteEnd(nn.Module):
-    """Scatters the routed values that leave route ``index`` back around the route-start stream."""
+    """Segment ``index`` ends: the routed values that leave it go back through its operation."""
 
-    def __init__(self, state: RoutingState, index: int, routed: list[bool]):
+    def __init__(self, boundaries: Boundaries, index: int, routed: list[bool]):
         super().__init__()
-        self.state, self.index, self.routed = state, index, routed
+        self.boundaries, self.index, self.routed = boundaries, index, routed
 
     def forward(self, *values: Any) -> tuple[Any, ...]:
-        run = self.state.runs[self.index]
-        return tuple(scatter_value(run, v) if r else v for v, r in zip(values, self.routed))
+        return self.boundaries.exit(self.index, values, self.routed)
+
+
+class AfterBlock(nn.Module):
+    """Runs stage ``index`` on the stream after its block."""
+
+    def __init__(self, boundaries: Boundaries, index: int):
+        super().__init__()
+        self.boundaries, self.index = boundaries, index
+
+    def forward(self, stream: torch.Tensor, **arguments: Any) -> torch.Tensor:
+        return self.boundaries.after_block(self.index, stream, arguments)
 
 
 @dataclass
@@ -95,29 +104,8 @@ class TracedForward:
         return tree_unflatten(list(self.module(tensors)), self.call.out_spec)
 
 
-def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[Any, list[Any], list[torch.Tensor], TreeSpec]:
-    """The cache key of a call (grad/autocast modes, tensor metadata, constant values, structure)."""
-    leaves, spec = tree_flatten((args, kwargs))
-    key: list[Any] = [training, torch.is_grad_enabled(), torch.is_autocast_enabled(), spec]
-    constants, tensors = [], []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            tensors.append(leaf)
-            constants.append(_TENSOR)
-            key.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
-        else:
-            constants.append(leaf)
-            try:
-                hash(leaf)
-                key.append((type(leaf), leaf))
-            except TypeError:
-                key.append((type(leaf), id(leaf)))
-    return tuple(key), constants, tensors, spec
-
-
-def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, args: tuple, kwargs: dict,
-          constants: list[Any], tensors: list[torch.Tensor], in_spec: TreeSpec,
-          after_stack: nn.Module | None = None) -> TracedForward:
+def trace(stack: BlockStack, forward: Callable[..., Any], boundaries: Boundaries, args: tuple, kwargs: dict,
+          constants: list[Any], tensors: list[torch.Tensor], in_spec: TreeSpec) -> TracedForward:
     """Trace the owner's forward on this call and splice every route in. Raises on any mismatch."""
     call = _Call(stack.owner, forward, in_spec, constants)
     containers = {m for name, m in stack.owner.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))
@@ -129,12 +117,10 @@ def trace(stack: BlockStack, forward: Callable[..., Any], state: RoutingState, a
         if node.op == "call_function" and node.target is operator.getitem and node.args[0].op == "placeholder":
             node.meta["label"] = f"input {input_names[node.args[1]]}"
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
-    boundaries = splice(module, stack, state)
-    if after_stack is not None:
-        splice_after_stack(module, stack, after_stack)
+    described = splice(module, stack, boundaries)
     for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
         node.meta.pop("concrete", None)
-    return TracedForward(module, call, boundaries)
+    return TracedForward(module, call, described)
 
 
 def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
@@ -187,21 +173,24 @@ def _contains(value: Any, node: fx.Node) -> bool:
     return found
 
 
-def splice(module: fx.GraphModule, stack: BlockStack, state: RoutingState) -> list[Boundary]:
-    """Splice every route's start and end nodes into the traced graph; returns what each boundary does."""
+def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) -> list[Boundary]:
+    """Splice every segment's start and end nodes, then every stage, into the traced graph; returns what
+    each segment's boundaries do."""
     graph = module.graph
     blocks = _block_nodes(graph, stack)
     spec_of = dict(zip(blocks, stack.specs))
     block_of = dict(zip(blocks, stack.blocks))
-    boundaries = []
-    for i, route in enumerate(state.routes):
-        region = _region(graph, blocks[route.start], blocks[route.end])
-        boundary, start = _splice_start(module, state, i, region, spec_of, block_of)
-        _splice_end(module, state, i, region, spec_of, set(start.users), boundary)
-        boundaries.append(boundary)
+    described = []
+    for i, segment in enumerate(boundaries.plan.segments):
+        region = _region(graph, blocks[segment.route.start], blocks[segment.route.end])
+        boundary, start = _splice_start(module, boundaries, i, region, spec_of, block_of)
+        _splice_end(module, boundaries, i, region, spec_of, set(start.users), boundary)
+        described.append(boundary)
+    for k, stage in enumerate(boundaries.plan.stages):
+        _splice_stage(module, stack, boundaries, k, blocks[stage.after], stage.after)
     graph.lint()
     module.recompile()
-    return boundaries
+    return described
 
 
 def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
@@ -214,7 +203,7 @@ def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
     return order[begin:stop + 1]
 
 
-def _splice_start(module: fx.GraphModule, state: RoutingState, i: int, region: list[fx.Node],
+def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],
                   spec_of: dict[fx.Node, BlockSpec], block_of: dict[fx.Node, nn.Module]) -> tuple[Boundary, fx.Node]:
     """Every value made before the route and read inside it enters through one start node; the uses that
     need its tokens (by the role of the argument they feed) read the gathered version."""
@@ -222,7 +211,8 @@ def _splice_start(module: fx.GraphModule, state: RoutingState, i: int, region: l
     stream_name = spec_of[first].stream
     stream = _argument(first, block_of[first], stream_name)
     if not isinstance(stream, fx.Node):
-        raise RouteError(f"block {state.routes[i].start} gets no token stream '{stream_name}' as a traced value")
+        raise RouteError(f"block {boundaries.plan.routes[i].start} gets no token stream '{stream_name}' as a "
+                         "traced value")
     entering: dict[fx.Node, dict[fx.Node, str]] = {}
     for node in region:
         for source in node.all_input_nodes:
@@ -235,7 +225,7 @@ def _splice_start(module: fx.GraphModule, state: RoutingState, i: int, region: l
     boundary = Boundary(i, describe(stream), shared_selection=shared,
                         passed=[describe(src) for src, uses in entering.items() if (src, uses) not in gather])
     with graph.inserting_before(first):
-        module.add_submodule(f"route{i}_start", RouteStart(state, i, roles, shared))
+        module.add_submodule(f"route{i}_start", RouteStart(boundaries, i, roles, shared))
         start = graph.call_module(f"route{i}_start", (stream, *[src for src, _ in gather]))
         for k, ((src, uses), role) in enumerate(zip(gather, roles)):
             got = graph.call_function(operator.getitem, (start, k))
@@ -246,7 +236,7 @@ def _splice_start(module: fx.GraphModule, state: RoutingState, i: int, region: l
     return boundary, start
 
 
-def _splice_end(module: fx.GraphModule, state: RoutingState, i: int, region: list[fx.Node],
+def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],
                 spec_of: dict[fx.Node, BlockSpec], gathered: set[fx.Node], boundary: Boundary) -> None:
     """Every value made inside the route and read after it leaves through one end node; the routed ones
     (carrying the stream's tokens) are scattered back."""
@@ -255,7 +245,7 @@ def _splice_end(module: fx.GraphModule, state: RoutingState, i: int, region: lis
     leaving = [n for n in region if any(u not in inside for u in n.users)]
     flags = [n in routed for n in leaving]
     with graph.inserting_after(region[-1]):
-        module.add_submodule(f"route{i}_end", RouteEnd(state, i, flags))
+        module.add_submodule(f"route{i}_end", RouteEnd(boundaries, i, flags))
         end = graph.call_module(f"route{i}_end", tuple(leaving))
     with graph.inserting_after(end):
         for k, (node, flag) in enumerate(zip(leaving, flags)):
@@ -266,33 +256,31 @@ def _splice_end(module: fx.GraphModule, state: RoutingState, i: int, region: lis
             (boundary.scattered if flag else boundary.returned).append(describe(node))
 
 
-def splice_after_stack(module: fx.GraphModule, stack: BlockStack, after: nn.Module) -> None:
-    """Run ``after`` on the stream right after the last block (and after a route ending there), with the
-    last block's other arguments as they were before any route gathered them."""
+def _splice_stage(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries, k: int, node: fx.Node,
+                  position: int) -> None:
+    """Run stage ``k`` on the stream right after block ``node`` (and after a segment ending there), with the
+    block's other arguments as they were before any segment reduced them."""
     graph = module.graph
-    last = _block_nodes(graph, stack)[-1]
-    spec, block = stack.specs[-1], stack.blocks[-1]
-    value = last if spec.stream_output is None else next(
-        u for u in last.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == spec.stream_output)
+    spec, block = stack.specs[position], stack.blocks[position]
+    value = node if spec.stream_output is None else next(
+        u for u in node.users if u.op == "call_function" and u.target is operator.getitem
+        and u.args[1] == spec.stream_output)
     ends = [u for u in value.users if u.op == "call_module" and isinstance(module.get_submodule(u.target), RouteEnd)]
     if ends:
-        end = ends[0]
-        position = end.args.index(value)
-        value = next(u for u in end.users if u.args[1] == position)
+        position_in_end = ends[0].args.index(value)
+        value = next(u for u in ends[0].users if u.args[1] == position_in_end)
     originals = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(module.get_submodule(node.target), RouteStart):
-            for user in node.users:
-                originals[user] = node.args[1 + user.args[1]]
-    bound = bind_arguments(block, last.args, dict(last.kwargs))
+    for start in graph.nodes:
+        if start.op == "call_module" and isinstance(module.get_submodule(start.target), RouteStart):
+            for user in start.users:
+                originals[user] = start.args[1 + user.args[1]]
+    bound = bind_arguments(block, node.args, dict(node.kwargs))
     bound.pop(spec.stream)
-    others = {k: fx.node.map_arg(v, lambda n: originals.get(n, n)) for k, v in bound.items() if not k.startswith("*")}
-    module.add_submodule("after_stack", after)
+    others = {n: fx.node.map_arg(v, lambda a: originals.get(a, a)) for n, v in bound.items() if not n.startswith("*")}
+    module.add_submodule(f"stage{k}", AfterBlock(boundaries, k))
     with graph.inserting_after(value):
-        call = graph.call_module("after_stack", (value,), others)
+        call = graph.call_module(f"stage{k}", (value,), others)
     value.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
-    graph.lint()
-    module.recompile()
 
 
 def _argument(node: fx.Node, block: nn.Module, name: str) -> Any:

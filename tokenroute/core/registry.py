@@ -1,5 +1,6 @@
 """Per-block-class facts: which argument carries the token stream, which output returns it, which
-arguments are other token-aligned tensors, batch-free token tables, or conditioning that is never routed.
+arguments are other token-aligned tensors, batch-free token tables, or conditioning that is never routed,
+and, inside the block, which submodules compute its residual branches (attention, MLP).
 
 Keyed by class name so that registering diffusers' blocks needs no diffusers import.
 """
@@ -16,6 +17,20 @@ from .route import RouteError
 
 
 @dataclass(frozen=True)
+class Branch:
+    """A residual branch inside a block: the submodule that computes it (``path``, relative to the block)
+    and which of its outputs is the branch's value before the block gates it and adds it to the stream
+    (``output``: an index into a tuple output, None when the submodule returns the value itself).
+
+    Feature caching reuses these values across sampling steps; local attention replaces the attention.
+    """
+
+    kind: str  # "attention" or "mlp"
+    path: str
+    output: int | None = None
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """How tokens flow through one block class.
 
@@ -25,6 +40,8 @@ class BlockSpec:
     table_args: batch-free tables aligned with the tokens on axis 0 (rotary embeddings); may hold extra
         leading rows for tokens that are not routed (text tokens in joint attention).
     context_args: arguments that are never routed (conditioning, text tokens, their masks).
+    branches: the block's residual branches (``Branch``); None: found by the submodules' names, and a
+        block with none found is treated as a whole (its residual, output minus input).
     """
 
     stream: str
@@ -32,6 +49,7 @@ class BlockSpec:
     token_args: tuple[str, ...] = ()
     table_args: tuple[str, ...] = ()
     context_args: tuple[str, ...] = ()
+    branches: tuple[Branch, ...] | None = None
 
     def role(self, name: str) -> str:
         """'tokens', 'table', 'pass', or 'auto' (decided at run time by the tensor's shape)."""
@@ -50,14 +68,21 @@ _CONTEXT = ("c", "cond", "emb", "temb", "t", "timestep", "y", "context", "encode
 _TOKEN_ARGS = ("skip",)
 _TABLES = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rope", "rotary_pos_emb")
 
+# submodule names that compute a block's attention and MLP branches, by convention (timm, DiT, diffusers)
+_ATTENTION_NAMES = ("attn", "attn1", "self_attn", "attention")
+_MLP_NAMES = ("mlp", "ff", "feed_forward", "ffn")
+
 _JOINT = dict(stream="hidden_states", stream_output=1, table_args=_TABLES, context_args=_CONTEXT)
+_JOINT_BRANCHES = (Branch("attention", "attn", output=0), Branch("mlp", "ff"))
 BLOCK_REGISTRY: dict[str, BlockSpec] = {
     # diffusers
-    "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
+    "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT,
+                                       branches=(Branch("attention", "attn1"), Branch("mlp", "ff"))),
     "PixArtTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
-    "JointTransformerBlock": BlockSpec(**_JOINT),
-    "FluxTransformerBlock": BlockSpec(**_JOINT),
-    "FluxSingleTransformerBlock": BlockSpec(**_JOINT),
+    "JointTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
+    "FluxTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
+    # attention and MLP run in parallel and are gated together: the block is one branch (its residual)
+    "FluxSingleTransformerBlock": BlockSpec(**_JOINT, branches=()),
 }
 
 
@@ -86,6 +111,29 @@ def spec_for(block: nn.Module) -> BlockSpec:
             f"{type(block).__name__}, tokenroute.BlockSpec(stream='x'))"
         )
     return BlockSpec(positional[0].name, token_args=_TOKEN_ARGS, table_args=_TABLES, context_args=_CONTEXT)
+
+
+def block_branches(block: nn.Module, spec: BlockSpec | None = None) -> tuple[Branch, ...]:
+    """The residual branches inside ``block``: the registered ones, else an attention and an MLP submodule
+    found by their conventional names (``attn``/``attn1``/``self_attn``/``attention`` and ``mlp``/``ff``/
+    ``feed_forward``/``ffn``, direct children); empty when the block has no such pair (a Mamba block), in
+    which case methods treat the block as a whole (its residual). Registered paths are checked."""
+    spec = spec or spec_for(block)
+    if spec.branches is not None:
+        for branch in spec.branches:
+            try:
+                block.get_submodule(branch.path)
+            except AttributeError:
+                raise RouteError(
+                    f"{type(block).__name__} is registered with a {branch.kind} branch at {branch.path!r}, but it "
+                    f"has no such submodule; fix the BlockSpec's branches in tokenroute.register_block") from None
+        return spec.branches
+    children = dict(block.named_children())
+    attention = next((n for n in _ATTENTION_NAMES if n in children), None)
+    mlp = next((n for n in _MLP_NAMES if n in children), None)
+    if attention is None or mlp is None:
+        return ()
+    return Branch("attention", attention), Branch("mlp", mlp)
 
 
 def bind_arguments(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

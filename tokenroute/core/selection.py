@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -17,18 +18,21 @@ def distributed_rank() -> int:
 
 
 class RoutingGenerator:
-    """One torch.Generator per device, seeded from ``seed`` (or torch's initial seed) and the rank,
-    so every distributed rank draws different masks and a fixed seed repeats them."""
+    """One torch.Generator per device, seeded from ``seed`` (or torch's initial seed), the rank and the
+    method's ``stream`` name, so every distributed rank draws different masks, two methods given one seed
+    draw independent ones, and a fixed seed repeats them."""
 
     RANK_STRIDE = 1_000_003
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, stream: str = ""):
         self.seed = seed
+        self.stream = stream
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def base_seed(self) -> int:
         seed = torch.initial_seed() if self.seed is None else self.seed
-        return (seed + self.RANK_STRIDE * distributed_rank()) % (2**63)
+        salt = zlib.crc32(self.stream.encode()) if self.stream else 0
+        return (seed + self.RANK_STRIDE * distributed_rank() + salt) % (2**63)
 
     def get(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -65,6 +69,7 @@ def draw_keep(
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
     if selector is not None:
         keep = _from_selector(selector(tokens, num_keep, generator), batch, num_tokens, num_keep)
+        _check_selection(keep, selector, shared=shared, protect=protect)
     else:
         rows = 1 if shared else batch
         scores = _uniform(rows, num_tokens, tokens.device, generator)
@@ -81,6 +86,23 @@ def _uniform(rows: int, num_tokens: int, device: torch.device, generator: torch.
     """Random scores from the routing generator. torch.compile cannot trace a Generator argument: this one
     call runs eagerly (a single deliberate graph break) and the rest of the route compiles."""
     return torch.rand(rows, num_tokens, device=device, generator=generator)
+
+
+def _check_selection(keep: torch.Tensor, selector: Selector, *, shared: bool, protect: torch.Tensor | None) -> None:
+    """A custom selector must honour what the route requires; it is refused, never silently overridden."""
+    name = getattr(selector, "__name__", type(selector).__name__)
+    if shared and keep.shape[0] > 1 and bool((keep.sort(dim=1).values != keep[:1].sort(dim=1).values).any()):
+        raise RouteError(
+            f"the route's selector {name} chose different tokens per sample, but a batch-free token table (a "
+            "rotary embedding without a batch axis) crosses this route, so one selection must serve the whole "
+            "batch; return the same keep indices for every sample (e.g. select on tokens[:1] and expand)")
+    if protect is not None:
+        kept = torch.zeros(keep.shape[0], protect.shape[-1], dtype=torch.bool, device=keep.device)
+        kept.scatter_(1, keep, True)
+        if bool((protect.to(keep.device) & ~kept).any()):
+            raise RouteError(
+                f"the route's selector {name} dropped protected tokens; keep every token that protect= marks "
+                "(the selector gets no protect mask: drop protect=, or make the selector keep those tokens)")
 
 
 def _from_selector(result: torch.Tensor, batch: int, num_tokens: int, num_keep: int) -> torch.Tensor:

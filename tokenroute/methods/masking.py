@@ -13,6 +13,9 @@ embedding, or, with ``width=`` and ``block=``, a narrower stack of its own (Mask
 At eval nothing is dropped; with an added decoder, eval equals running the backbone and then the decoder.
 
 Unmasking tuning, as MaskDiT ends its training: ``tokenroute.set_ratio(model, 0.0)``.
+
+    apply_masking(model, MaskingConfig(ratio=0.5, decoder=2))   # or tokenroute.mask(model, 0.5, decoder=2)
+    remove_masking(model)
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..core.boundary import Segment, Stage
+from ..core.operations import MaskTokens
+from ..core.patches import Patch, PatchRegistry, remove_patch
 from ..core.route import Route, RouteError, check_ratio
-from ..core.stack import find_stack
-from ..core.wrap import Extension, wrap
+from ..core.selection import RoutingGenerator
+from ..core.stack import BlockStack
 
+NAME = "masking"
 MODULE_NAME = "tokenroute_masking"
 
 
@@ -114,34 +121,72 @@ def _num_tokens(owner: nn.Module) -> int:
                      "give it: tokenroute.mask(model, decoder=tokenroute.Decoder(depth, num_tokens=N))")
 
 
-def mask(
-    model: nn.Module,
-    ratio: float = 0.5,
-    decoder: int | Decoder = 2,
-    *,
-    routes: Sequence[Any] = (),
-    blocks: str | Sequence[str] | None = None,
-    seed: int | None = None,
-    prefix_tokens: int | None = None,
-    mechanism: str = "auto",
-) -> nn.Module:
-    """Turn on MaskDiT masked training for ``model`` in place and return it; undo with ``tokenroute.unwrap``.
+@dataclass
+class MaskingConfig:
+    """MaskDiT's masking and decoder.
 
     ratio: fraction of the tokens dropped per sample in training, in [0, 1).
-    decoder: ``k`` (the last k blocks of the stack decode) or ``Decoder(depth, num_tokens)`` (an added stack).
-    routes: TREAD routes to apply as well (inside the decoder only: they may not overlap the encoder).
+    decoder: ``k`` (the last k blocks of the stack decode) or ``Decoder(depth, ...)`` (an added stack).
+    seed, prefix_tokens, mechanism, blocks: as in ``TreadConfig``.
     """
-    ratio = check_ratio(ratio, "mask ratio")
-    stack = find_stack(model, blocks)
+
+    ratio: float = 0.5
+    decoder: int | Decoder = 2
+    seed: int | None = None
+    prefix_tokens: int | None = None
+    mechanism: str = "auto"
+    blocks: str | Sequence[str] | None = None
+
+
+class MaskingPatch(Patch):
+    name = NAME
+    order = 10
+    title = "masked training"
+
+    def __init__(self, config: MaskingConfig, stack: BlockStack):
+        super().__init__()
+        ratio = check_ratio(config.ratio, "mask ratio")
+        decoder, depth = config.decoder, len(stack)
+        dim = _width(stack.owner, stack.blocks)
+        added = _check_decoder(decoder, stack)
+        if added:
+            parameters = inspect.signature(stack.blocks[-1].forward).parameters
+            spec = stack.specs[-1]
+            num_tokens = decoder.num_tokens or _num_tokens(stack.owner)
+            arguments = [n for n in parameters if n != spec.stream and spec.role(n) != "tokens"]
+            added_decoder = MaskDecoder(stack.blocks[-1], decoder, num_tokens, dim, arguments)
+            encoder_end = depth - 1
+        else:
+            added_decoder = None
+            encoder_end = depth - 1 - decoder
+        self.masking = TokenMasking(dim, added_decoder)
+        self.modules = {MODULE_NAME: self.masking}
+        self.generator = RoutingGenerator(config.seed, stream=NAME)
+        self.segments = [Segment(Route(0, encoder_end, ratio), MaskTokens(self.generator, self.masking.fill), NAME)]
+        if added_decoder is not None:
+            self.stages = [Stage(depth - 1, added_decoder, NAME)]
+        self.prefix_tokens = config.prefix_tokens
+        self.mechanism = config.mechanism
+
+    def describe(self, stack: BlockStack) -> list[str]:
+        owner = stack.owner_path or "<model>"
+        count = sum(p.numel() for p in self.masking.parameters())
+        parts = ", ".join(f"{n} {tuple(p.shape)}" if p.dim() <= 1 else n for n, p in self.masking.named_parameters()
+                          if n.count(".") <= 1)
+        lines = [f"  {self.title} adds {owner}.{MODULE_NAME}: {count:,} parameters ({parts})"]
+        decoder = self.masking.decoder
+        if decoder is not None:
+            lines.append(f"  after the last block: {type(decoder).__name__} ({len(decoder.blocks)} blocks, width "
+                         f"{decoder.width}); eval runs it with nothing dropped")
+        return lines
+
+
+def _check_decoder(decoder: Any, stack: BlockStack) -> bool:
+    """Validate ``decoder`` against the stack; True for an added decoder, False for the stack's last k blocks."""
     depth = len(stack)
-    dim = _width(stack.owner, stack.blocks)
-    added = isinstance(decoder, Decoder)
-    if not added and (isinstance(decoder, bool) or not isinstance(decoder, int)):
-        raise RouteError(f"decoder {decoder!r} is neither a number of blocks nor a tokenroute.Decoder")
-    if added:
+    if isinstance(decoder, Decoder):
         if decoder.depth < 1:
             raise RouteError(f"Decoder depth {decoder.depth} must be at least 1")
-        encoder_end = depth - 1
         spec = stack.specs[-1]
         if spec.stream_output is not None:
             raise RouteError(f"an added decoder needs blocks that return the token stream; "
@@ -154,17 +199,22 @@ def mask(
         if (decoder.width is None) != (decoder.block is None):
             raise RouteError("Decoder(width=..., block=...) go together: a block of another width cannot be copied "
                              "from the stack; give both, or neither for copies at the model's width")
-        num_tokens = decoder.num_tokens or _num_tokens(stack.owner)
-        arguments = [n for n in parameters if n != spec.stream and spec.role(n) != "tokens"]
-        dec = MaskDecoder(stack.blocks[-1], decoder, num_tokens, dim, arguments)
-    else:
-        if not 1 <= decoder < depth:
-            raise RouteError(f"a decoder of {decoder} blocks does not fit a stack of {depth}: give 1..{depth - 1}")
-        encoder_end = depth - 1 - decoder
-        dec = None
-    masking = TokenMasking(dim, dec)
-    extension = Extension(fills=[masking.fill] + [None] * len(routes), modules={MODULE_NAME: masking},
-                          after_stack=dec, always_splice=added, name="masked training")
-    wrap(model, [Route(0, encoder_end, ratio), *routes], blocks=blocks, seed=seed, prefix_tokens=prefix_tokens, mechanism=mechanism,
-         _extension=extension)
+        return True
+    if isinstance(decoder, bool) or not isinstance(decoder, int):
+        raise RouteError(f"decoder {decoder!r} is neither a number of blocks nor a tokenroute.Decoder")
+    if not 1 <= decoder < depth:
+        raise RouteError(f"a decoder of {decoder} blocks does not fit a stack of {depth}: give 1..{depth - 1}")
+    return False
+
+
+def apply_masking(model: nn.Module, config: MaskingConfig) -> nn.Module:
+    """Turn on MaskDiT masked training for ``model`` in place and return it."""
+    registry = PatchRegistry.for_model(model, config.blocks)
+    registry.apply(MaskingPatch(config, registry.stack))
+    return model
+
+
+def remove_masking(model: nn.Module) -> nn.Module:
+    """Take masked training off ``model`` (the mask token and an added decoder go with it); other methods stay."""
+    remove_patch(model, NAME)
     return model

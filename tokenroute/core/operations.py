@@ -1,0 +1,171 @@
+"""Token operations: what a route does to the token stream at its two boundaries, defined once.
+
+A route's entry turns the full stream into the reduced one the route's blocks run on (``enter``), and
+its exit turns the reduced stream back into a full one (``exit``), using what the entry set aside. Every
+token-aligned value that crosses the boundary (skips, attention masks, rotary rows) goes through the same
+run, so both splice mechanisms (graph and hooks) only decide *which* values cross, never *how*.
+
+``SkipTokens`` is TREAD (skipped tokens return with their route-start values); ``MaskTokens`` is MaskDiT
+(dropped tokens return as a learnable mask token). A pooling operation (token density) plugs in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .route import Route, RouteError
+from .selection import RoutingGenerator, check_protect, draw_keep
+from .tokens import gather_table, gather_tokens, scatter_tokens, with_prefix
+
+
+@dataclass
+class DropRun:
+    """One route's draw in one forward: which tokens were kept and what the others come back as."""
+
+    keep: torch.Tensor  # (B, K) kept routable tokens, ascending
+    index: torch.Tensor | None  # (B, P + K) kept positions in the stream, prefix included; None: keeps all
+    base: torch.Tensor | None  # what skipped tokens come back as (None after the forward ends)
+    batch: int
+    length: int  # L, full stream length
+    kept_length: int  # P + K
+    num_tokens: int  # N routable tokens
+
+    @property
+    def identity(self) -> bool:
+        return self.index is None
+
+    def mask(self) -> torch.Tensor:
+        """(B, N), True where the token skipped the route."""
+        mask = torch.ones(self.batch, self.num_tokens, dtype=torch.bool, device=self.keep.device)
+        return mask.scatter(1, self.keep, False)
+
+    def released(self) -> "DropRun":
+        """What outlives the forward: the draw, not the route-start tensors (they would pin activations
+        and make a deep copy of the model, an EMA twin, impossible while they hold the autograd graph)."""
+        return DropRun(self.keep.detach(), None, None, self.batch, self.length, self.kept_length, self.num_tokens)
+
+
+def is_token_aligned(value: Any, batch: int, length: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length \
+        and value.shape[0] in (batch, 1)
+
+
+class TokenOperation:
+    """Base class of what a route does at its boundaries. Subclasses define ``begin``, ``enter``, ``exit``
+    and ``describe``; a run is whatever ``begin`` returns, handed back to ``enter`` and ``exit``."""
+
+    def begin(self, route: Route, stream: torch.Tensor, *, prefix: int, ratio: float, shared: bool) -> Any:
+        raise NotImplementedError
+
+    def enter(self, run: Any, value: Any, role: str) -> Any:
+        raise NotImplementedError
+
+    def exit(self, run: Any, value: Any) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def mask(self, run: Any) -> torch.Tensor | None:
+        """(B, N) bool, True where a token was left out of the route; None when the operation drops none."""
+        return None
+
+
+class DropTokens(TokenOperation):
+    """Run the route on a subset of the tokens, chosen per sample; what the others return as is ``returns``.
+
+    Drawing uses this operation's own generator, so each method's masks are reproducible on their own,
+    and a route that drops nothing (ratio 0, or routing off) never touches it.
+    """
+
+    def __init__(self, generator: RoutingGenerator, protect: Any = None):
+        self.generator = generator
+        self.protect = protect
+
+    def returns(self, base: torch.Tensor) -> torch.Tensor:
+        """What the skipped tokens come back as, given the stream at the route's start."""
+        raise NotImplementedError
+
+    def begin(self, route: Route, stream: torch.Tensor, *, prefix: int, ratio: float, shared: bool) -> DropRun:
+        if stream.dim() < 2:
+            raise RouteError(f"route {route.start}..{route.end}: the token stream has shape {tuple(stream.shape)}; "
+                             "expected (B, L, ...)")
+        batch, length = stream.shape[0], stream.shape[1]
+        num_tokens = length - prefix
+        if num_tokens <= 0:
+            raise RouteError(f"route {route.start}..{route.end}: {length} tokens with {prefix} prefix tokens "
+                             "leave none to route")
+        num_keep = num_tokens - route.num_skip(num_tokens, ratio)
+        if num_keep == num_tokens:  # nothing dropped: no draw, no gather, the route runs on the stream as is
+            keep = torch.arange(num_tokens, device=stream.device).expand(batch, -1)
+            return DropRun(keep, None, None, batch, length, length, num_tokens)
+        routable = stream[:, prefix:] if prefix else stream
+        protect = self.protect(routable) if callable(self.protect) else self.protect
+        if protect is not None:
+            protect = check_protect(protect, batch, num_tokens, num_keep)
+        keep = draw_keep(routable, num_keep, self.generator.get(stream.device), shared=shared, protect=protect,
+                         selector=route.selector)
+        return DropRun(keep, with_prefix(keep, prefix), self.returns(stream), batch, length, prefix + num_keep,
+                       num_tokens)
+
+    def enter(self, run: DropRun, value: Any, role: str) -> Any:
+        """The part of ``value`` that enters the route, by role ('tokens', 'table', 'auto', 'pass')."""
+        if role == "pass" or value is None or run.identity:
+            return value
+        if role == "table":
+            return tree_map(lambda t: gather_table(t, run.index, run.length) if isinstance(t, torch.Tensor) else t,
+                            value)
+        if role == "tokens" and isinstance(value, torch.Tensor) and not is_token_aligned(value, run.batch, run.length):
+            raise RouteError(
+                f"a token-aligned argument has shape {tuple(value.shape)} but the stream has {run.length} tokens "
+                f"in a batch of {run.batch}; register the block's arguments with tokenroute.register_block")
+        return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, run.batch, run.length) else t,
+                        value)
+
+    def exit(self, run: DropRun, value: Any) -> Any:
+        """``value`` leaving the route: kept-length token tensors return to full length around the base."""
+        if run.identity:
+            return value
+
+        def back(t: Any) -> Any:
+            if not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == run.batch
+                    and t.shape[1] == run.kept_length):
+                return t
+            if t.shape[2:] != run.base.shape[2:]:
+                raise RouteError(
+                    f"a tensor of shape {tuple(t.shape)} leaves the route but the stream at the route's start had "
+                    f"shape {tuple(run.base.shape)}; skipped tokens cannot be restored into it")
+            return scatter_tokens(run.base, run.index, t)
+
+        return tree_map(back, value)
+
+    def mask(self, run: DropRun) -> torch.Tensor:
+        return run.mask()
+
+
+class SkipTokens(DropTokens):
+    """TREAD: skipped tokens wait outside the route and come back with their route-start values."""
+
+    def returns(self, base: torch.Tensor) -> torch.Tensor:
+        return base
+
+    def describe(self) -> str:
+        return "skipped tokens come back with their route-start values"
+
+
+class MaskTokens(DropTokens):
+    """MaskDiT: dropped tokens come back as ``fill(stream)`` (a learnable mask token)."""
+
+    def __init__(self, generator: RoutingGenerator, fill: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(generator)
+        self.fill = fill
+
+    def returns(self, base: torch.Tensor) -> torch.Tensor:
+        return self.fill(base)
+
+    def describe(self) -> str:
+        return "skipped tokens come back as the mask token"
