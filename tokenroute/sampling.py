@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import core
-from .losses.objectives import _output_tensor
+from .utils import output_tensor
 
 
 def routing_guidance(
@@ -53,9 +53,9 @@ def routing_guidance(
 
     def guided(*args: Any, **kwargs: Any) -> Tensor:
         with core.routing(model, ratio=g2, enabled=True):
-            weak = _output_tensor(fn(*args, **kwargs))
+            weak = output_tensor(fn(*args, **kwargs))
         with core.routing(model, ratio=g1, enabled=True):
-            strong = _output_tensor(fn(*args, **kwargs))
+            strong = output_tensor(fn(*args, **kwargs))
         return weak + w * (strong - weak)
 
     return guided
@@ -79,7 +79,7 @@ def classifier_free_guidance(
     def guided(x: Tensor, t: Tensor | float, y: Tensor) -> Tensor:
         t = _batch_time(t, x)
         null = torch.as_tensor(null_label, dtype=y.dtype, device=y.device).expand_as(y)
-        out = _output_tensor(model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])))
+        out = output_tensor(model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])))
         cond, uncond = out.chunk(2)
         return uncond + scale * (cond - uncond)
 
@@ -117,4 +117,4 @@ def guided_prediction(
         if null_label is None:
             raise ValueError(f"cfg_scale={cfg_scale} needs null_label (the class id that means unconditional).")
         fn = classifier_free_guidance(fn, null_label, cfg_scale)
-    return _output_tensor(fn(x, _batch_time(t, x), y))
+    return output_tensor(fn(x, _batch_time(t, x), y))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..utils import describe_value
+
 MODES = ("all", "routes", "visible")
 
 
@@ -25,14 +27,10 @@ def _sample_mean(loss: Tensor, keep: Tensor) -> Tensor:
     return per_sample.mean()
 
 
-def _describe(value: object) -> str:
-    return f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-
-
 def _check(per_token_loss: Tensor, masks: Sequence[Tensor], mode: str, mae: Tensor | None, mae_weight: float):
     if not isinstance(per_token_loss, Tensor) or per_token_loss.ndim != 2 or not per_token_loss.is_floating_point():
         raise ValueError(
-            f"per_token_loss must be a float (batch, tokens) tensor, got {_describe(per_token_loss)}; "
+            f"per_token_loss must be a float (batch, tokens) tensor, got {describe_value(per_token_loss)}; "
             "turn a per-pixel loss into one with tokenroute.losses.per_token(loss, patch_size)."
         )
     if isinstance(masks, Tensor) or not isinstance(masks, Sequence):
@@ -43,7 +41,7 @@ def _check(per_token_loss: Tensor, masks: Sequence[Tensor], mode: str, mae: Tens
     shape = tuple(per_token_loss.shape)
     for i, mask in enumerate(masks):
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"masks[{i}] must be a bool tensor (True = skipped the route), got {_describe(mask)}.")
+            raise TypeError(f"masks[{i}] must be a bool tensor (True = skipped the route), got {describe_value(mask)}.")
         if tuple(mask.shape) != shape:
             raise ValueError(
                 f"masks[{i}] has shape {tuple(mask.shape)} but per_token_loss has {shape}; masks must come from "
@@ -57,7 +55,7 @@ def _check(per_token_loss: Tensor, masks: Sequence[Tensor], mode: str, mae: Tens
         raise ValueError(f"mae_weight={mae_weight} needs an mae tensor; pass mae=mae_loss(...) or set mae_weight=0.")
     if mae is not None and (not isinstance(mae, Tensor) or tuple(mae.shape) != shape):
         raise ValueError(
-            f"mae is {_describe(mae)} but per_token_loss has shape {shape}; reduce it per token first with "
+            f"mae is {describe_value(mae)} but per_token_loss has shape {shape}; reduce it per token first with "
             "tokenroute.losses.mae_loss(pred_patches, target)."
         )
 

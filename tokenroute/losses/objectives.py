@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .combine import _describe
+from ..utils import describe_value, output_tensor
 from .patches import patchify_pixels, per_token
 
 
@@ -56,18 +56,7 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 def _check_x0(x0: Tensor) -> None:
     if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.ndim < 2:
-        raise ValueError(f"x0 must be a float tensor (B, C, ...), got {_describe(x0)}.")
-
-
-def _output_tensor(out: Any) -> Tensor:
-    """Accept diffusers model outputs (`.sample`) and tuples as well as plain tensors."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"The model returned {type(out).__name__}; expected a tensor, a tuple or an output with .sample.")
+        raise ValueError(f"x0 must be a float tensor (B, C, ...), got {describe_value(x0)}.")
 
 
 class Objective:
@@ -78,7 +67,7 @@ class Objective:
 
     def predict(self, model_fn: Callable[..., Any], batch: NoisyBatch, *args: Any, **kwargs: Any) -> Tensor:
         """The model's prediction for `batch`: `model_fn(batch.model_input, batch.timestep, *args, **kwargs)`."""
-        return _output_tensor(model_fn(batch.model_input, batch.timestep, *args, **kwargs))
+        return output_tensor(model_fn(batch.model_input, batch.timestep, *args, **kwargs))
 
     def per_pixel_loss(self, prediction: Tensor, batch: NoisyBatch) -> Tensor:
         """`weight * (prediction - target) ** 2`, shaped like x0."""
@@ -213,7 +202,7 @@ class EDM(Objective):
         if sigma.shape != (x_noisy.shape[0],):
             raise ValueError(f"sigma must be a scalar or shaped ({x_noisy.shape[0]},), got {tuple(sigma.shape)}.")
         c_skip, c_out, c_in, c_noise = self.scalings(_per_sample(sigma, x_noisy))
-        out = _output_tensor(model_fn(c_in * x_noisy, c_noise.flatten(), *args, **kwargs))
+        out = output_tensor(model_fn(c_in * x_noisy, c_noise.flatten(), *args, **kwargs))
         if out.shape != x_noisy.shape:
             raise ValueError(
                 f"The model returned shape {tuple(out.shape)} for input {tuple(x_noisy.shape)}; EDM needs an output "

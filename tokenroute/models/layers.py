@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses.patches import patchify_pixels, unpatchify_pixels
+from ..patchify import patchify_pixels, unpatchify_pixels
 
 __all__ = [
     "Attention",
@@ -58,7 +58,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     Tokens are in row-major (h, w) order. Each token's features are laid out as (p, p, C), i.e. feature
     ``(i * p + j) * C + c`` is pixel ``(i, j)`` of the patch in channel ``c`` (the layout DiT's final
     linear layer produces, so ``unpatchify`` of a head output needs no extra permutation). The layout is
-    the one per-token losses use (``tokenroute.losses.patchify_pixels``).
+    the one per-token losses use (``tokenroute.patchify.patchify_pixels``).
     """
     return patchify_pixels(x, p)
 
