@@ -218,8 +218,7 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
         for source in node.all_input_nodes:
             if source not in inside:
                 entering.setdefault(source, {})[node] = _role(source, node, spec_of.get(node), block_of.get(node))
-    gather = [(src, uses) for src, uses in entering.items()
-              if any(r != "pass" for r in uses.values()) and src.op != "get_attr"]
+    gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
     shared = "table" in roles
     boundary = Boundary(i, describe(stream), shared_selection=shared,

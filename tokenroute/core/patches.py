@@ -126,10 +126,12 @@ class PatchRegistry:
             if inside:
                 raise RouteError(f"{stage.method} runs a stage after block {stage.after}, inside the route "
                                  f"{inside[0].route.start}..{inside[0].route.end} ({inside[0].method})")
-        prefixes = {p.prefix_tokens for p in patches if p.prefix_tokens is not None}
+        prefixes = {self.prefix_default if p.prefix_tokens is None else p.prefix_tokens for p in patches}
         if len(prefixes) > 1:
-            raise RouteError(f"the methods applied give different prefix_tokens {sorted(prefixes)}; a stack has one "
-                             "token layout: give the same number, or leave it to the model's num_prefix_tokens")
+            given = ", ".join(f"{p.name}: {self.prefix_default if p.prefix_tokens is None else p.prefix_tokens}"
+                              for p in patches)
+            raise RouteError(f"the methods applied give different prefix_tokens ({given}; the model's own is "
+                             f"{self.prefix_default}); a stack has one token layout: give every method the same")
         prefix = prefixes.pop() if prefixes else self.prefix_default
         if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
             raise RouteError(f"prefix_tokens {prefix!r} must be a non-negative integer")
