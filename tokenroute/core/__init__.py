@@ -10,12 +10,12 @@ from .control import (is_wrapped, load_routing_state_dict, routing, routing_mask
                       set_ratio)
 from .explain import explain
 from .operations import MaskTokens, SkipTokens, TokenOperation
-from .patches import Patch, PatchRegistry, apply_patch, remove_patch, reset_state
+from .patches import Patch, PatchRegistry, SpliceOptions, apply_patch, remove_patch, reset_state
 from .registry import BLOCK_REGISTRY, BlockSpec, Branch, block_branches, register_block
 from .route import Route, RouteError
 from .stack import BlockStack, find_stack
 
 __all__ = ["BLOCK_REGISTRY", "BlockSpec", "BlockStack", "Branch", "MaskTokens", "Patch", "PatchRegistry", "Plan",
-           "Route", "RouteError", "Segment", "SkipTokens", "Stage", "TokenOperation", "apply_patch",
+           "Route", "RouteError", "Segment", "SkipTokens", "SpliceOptions", "Stage", "TokenOperation", "apply_patch",
            "block_branches", "explain", "find_stack", "is_wrapped", "load_routing_state_dict", "register_block",
            "remove_patch", "reset_state", "routing", "routing_masks", "routing_state_dict", "set_ratio"]

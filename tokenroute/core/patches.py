@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
@@ -25,6 +26,25 @@ from .splice import MECHANISMS, OriginalForward, Splice
 from .stack import BlockStack, find_stack
 
 ATTRIBUTE = "_tokenroute"
+
+
+@dataclass(kw_only=True)
+class SpliceOptions:
+    """What every method that splices routes into the stack is given, besides its own settings.
+
+    seed: seed of the method's routing generator (default: torch's initial seed); offset by the distributed
+        rank and the method's name, so two methods given one seed draw independently.
+    prefix_tokens: leading tokens never routed (time/label/class tokens); default: the owner's or the
+        model's ``num_prefix_tokens`` attribute (timm's convention), else 0. Every method must agree.
+    mechanism: "auto" (graph rewrite, falling back to module hooks where the forward cannot be traced),
+        "fx" (graph rewrite or error) or "hooks".
+    blocks: dotted path(s) of the block container(s) when the stack is not found automatically.
+    """
+
+    seed: int | None = None
+    prefix_tokens: int | None = None
+    mechanism: str = "auto"
+    blocks: str | Sequence[str] | None = None
 
 
 class Patch:
@@ -44,6 +64,12 @@ class Patch:
         self.generator: RoutingGenerator | None = None
         self.prefix_tokens: int | None = None  # None: the stack's
         self.mechanism: str = "auto"
+
+    def take_options(self, options: SpliceOptions) -> None:
+        """Adopt the shared options: a routing generator of this method's own, the layout, the mechanism."""
+        self.generator = RoutingGenerator(options.seed, stream=self.name)
+        self.prefix_tokens = options.prefix_tokens
+        self.mechanism = options.mechanism
 
     def attach(self, stack: BlockStack) -> None:
         """Install hooks inside the blocks (called in patch order, after every rebuild)."""

@@ -30,9 +30,8 @@ import torch.nn as nn
 
 from ..core.boundary import Segment, Stage
 from ..core.operations import MaskTokens
-from ..core.patches import Patch, PatchRegistry, remove_patch
+from ..core.patches import Patch, PatchRegistry, SpliceOptions, remove_patch
 from ..core.route import Route, RouteError, check_ratio
-from ..core.selection import RoutingGenerator
 from ..core.stack import BlockStack
 
 NAME = "masking"
@@ -122,20 +121,16 @@ def _num_tokens(owner: nn.Module) -> int:
 
 
 @dataclass
-class MaskingConfig:
-    """MaskDiT's masking and decoder.
+class MaskingConfig(SpliceOptions):
+    """MaskDiT's masking and decoder (and ``seed``, ``prefix_tokens``, ``mechanism``, ``blocks``: see
+    ``SpliceOptions``).
 
     ratio: fraction of the tokens dropped per sample in training, in [0, 1).
     decoder: ``k`` (the last k blocks of the stack decode) or ``Decoder(depth, ...)`` (an added stack).
-    seed, prefix_tokens, mechanism, blocks: as in ``TreadConfig``.
     """
 
     ratio: float = 0.5
     decoder: int | Decoder = 2
-    seed: int | None = None
-    prefix_tokens: int | None = None
-    mechanism: str = "auto"
-    blocks: str | Sequence[str] | None = None
 
 
 class MaskingPatch(Patch):
@@ -161,12 +156,10 @@ class MaskingPatch(Patch):
             encoder_end = depth - 1 - decoder
         self.masking = TokenMasking(dim, added_decoder)
         self.modules = {MODULE_NAME: self.masking}
-        self.generator = RoutingGenerator(config.seed, stream=NAME)
+        self.take_options(config)
         self.segments = [Segment(Route(0, encoder_end, ratio), MaskTokens(self.generator, self.masking.fill), NAME)]
         if added_decoder is not None:
             self.stages = [Stage(depth - 1, added_decoder, NAME)]
-        self.prefix_tokens = config.prefix_tokens
-        self.mechanism = config.mechanism
 
     def describe(self, stack: BlockStack) -> list[str]:
         owner = stack.owner_path or "<model>"

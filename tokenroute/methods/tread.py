@@ -15,35 +15,25 @@ import torch.nn as nn
 
 from ..core.boundary import Segment
 from ..core.operations import SkipTokens
-from ..core.patches import Patch, PatchRegistry, remove_patch
+from ..core.patches import Patch, PatchRegistry, SpliceOptions, remove_patch
 from ..core.route import RouteError, normalize_routes
-from ..core.selection import RoutingGenerator
 
 NAME = "tread"
 
 
 @dataclass
-class TreadConfig:
-    """TREAD's routes and how tokens are chosen.
+class TreadConfig(SpliceOptions):
+    """TREAD's routes and how tokens are chosen (and ``seed``, ``prefix_tokens``, ``mechanism``, ``blocks``:
+    see ``SpliceOptions``).
 
     routes: ``(start, end, ratio)`` tuples or ``Route`` objects; ``end`` inclusive, negative indices count
         from the end of the stack, ``ratio`` is the fraction of tokens that skip the route.
-    seed: seed of the routing generator (default: torch's initial seed); offset by the distributed rank.
-    prefix_tokens: leading tokens never routed (time/label/class tokens); default: the owner's or the
-        model's ``num_prefix_tokens`` attribute (timm's convention), else 0.
     protect: bool (N,) or (B, N) tensor, or a callable of the routable tokens returning one: True marks
         tokens that are never routed.
-    mechanism: "auto" (graph rewrite, falling back to module hooks where the forward cannot be traced),
-        "fx" (graph rewrite or error) or "hooks".
-    blocks: dotted path(s) of the block container(s) when the stack is not found automatically.
     """
 
     routes: Sequence[Any]
-    seed: int | None = None
-    prefix_tokens: int | None = None
     protect: torch.Tensor | Any = None
-    mechanism: str = "auto"
-    blocks: str | Sequence[str] | None = None
 
 
 class TreadPatch(Patch):
@@ -55,11 +45,9 @@ class TreadPatch(Patch):
         super().__init__()
         if config.protect is not None and not (callable(config.protect) or isinstance(config.protect, torch.Tensor)):
             raise RouteError("protect must be a bool tensor (N,) or (B, N), or a callable returning one")
-        self.generator = RoutingGenerator(config.seed)
+        self.take_options(config)
         operation = SkipTokens(self.generator, protect=config.protect)
         self.segments = [Segment(route, operation, NAME) for route in normalize_routes(config.routes, depth)]
-        self.prefix_tokens = config.prefix_tokens
-        self.mechanism = config.mechanism
 
 
 def apply_tread(model: nn.Module, config: TreadConfig) -> nn.Module:
