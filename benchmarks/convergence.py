@@ -1,7 +1,7 @@
 """Time to quality: the same DiT trained on Fashion-MNIST with and without TREAD routing for the same GPU time.
 
 Every variant starts from the same weights and sees the same batches, noise levels and label dropout
-(examples/common.py's `StepBatches` and `step_generator`, one seed); only the routing and the loss mode
+(`tokenroute.training.StepBatches` and `step_generator`, one seed); only the routing and the loss mode
 differ. Training is EDM (`tokenroute.losses.EDM`, combined per token by `tokenroute.losses.combine`), AdamW,
 label dropout 0.1, bf16 autocast on a GPU, an EMA of the weights.
 
@@ -44,15 +44,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR) not in sys.path:  # run as a script it is sys.path[0] already; appended, it shadows nothing
-    sys.path.append(str(BENCH_DIR))
+import tokenroute
+from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLASSES, PRESET_DEFAULTS, PRESET_NAMES,
+                                 DataError, StepBatches, build_model, class_labels, drop_labels, jsonable,
+                                 load_fashion_mnist, locate_fashion_mnist, mae_term, make_task, model_config,
+                                 pad_images, sample_images, stack_depth, step_generator, to_model_range, tread_routes,
+                                 write_json)
 
-import fid as fidlib  # noqa: E402  (benchmarks/fid.py)
-
-import tokenroute  # noqa: E402
-
-common = fidlib.examples_common()  # examples/common.py
+import fid as fidlib  # benchmarks/fid.py
+from common import Timer, bench_device, environment as benchmark_environment
 
 RouteSpec = Any  # None | "tread" | [(start, end, ratio), ...] | callable(depth) -> routes
 
@@ -61,7 +61,7 @@ RouteSpec = Any  # None | "tread" | [(start, end, ratio), ...] | callable(depth)
 class Variant:
     """One training recipe.
 
-    routes: None (no routing), "tread" (TREAD's (2, depth - 4, 0.5), `common.tread_routes`), a list of
+    routes: None (no routing), "tread" (TREAD's (2, depth - 4, 0.5), `tread_routes`), a list of
         (start, end, ratio), or a function of the stack depth returning one.
     loss_mode: `tokenroute.losses.combine`'s mode: "all", "routes" or "visible".
     kwargs: extras for recipes beyond TREAD: "wrap" (more keyword arguments of `tokenroute.wrap`, e.g.
@@ -77,7 +77,7 @@ class Variant:
         if self.routes is None:
             return None
         if self.routes == "tread":
-            return common.tread_routes(depth)
+            return tread_routes(depth)
         if callable(self.routes):
             return list(self.routes(depth))
         return [tuple(r) for r in self.routes]
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 + "; with --smoke: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, a few seconds per variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    p.add_argument("--backbone", default="dit", choices=common.BACKBONE_NAMES)
-    p.add_argument("--preset", default=None, choices=common.PRESET_NAMES)
+    p.add_argument("--backbone", default="dit", choices=BACKBONE_NAMES)
+    p.add_argument("--preset", default=None, choices=PRESET_NAMES)
     p.add_argument("--budget-seconds", type=float, default=None, help="training GPU seconds per variant")
     p.add_argument("--evals", type=int, default=None, help="evaluations per variant, evenly spaced in the budget")
     p.add_argument("--num-samples", type=int, default=None,
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=None, help="EDM Heun steps")
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance at sampling; 1 = off")
-    p.add_argument("--batch-size", type=int, default=None, help="default by preset (examples/common.py)")
+    p.add_argument("--batch-size", type=int, default=None, help="default by preset (PRESET_DEFAULTS)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 (--smoke: by preset)")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999,
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-steps", type=int, default=25, help="most training steps timed as one chunk")
     p.add_argument("--device", default=None, help="default: cuda when available (cpu with --smoke)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx .gz files; default " + common.DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx .gz files; default " + DEFAULT_DATA_DIR)
     p.add_argument("--no-download", action="store_true", help="never fall back to torchvision's download")
     p.add_argument("--classifier", type=Path, default=fidlib.WEIGHTS, help="feature classifier (benchmarks/fid.py)")
     p.add_argument("--output", type=Path, default=None, help="JSON path; the PNG goes beside it")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env = fidlib.benchmarks_common().environment()
+    env = benchmark_environment()
     env.update(tokenroute=tokenroute.__version__, platform=platform.platform(), cpu_threads=torch.get_num_threads())
     if device.type == "cuda":
         env.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
@@ -166,7 +166,7 @@ class StepClock:
     CPU (benchmarks/common.py's Timer)."""
 
     def __init__(self, device: torch.device):
-        self.timer = fidlib.benchmarks_common().Timer(device)
+        self.timer = Timer(device)
         self.seconds = 0.0
 
     def run(self, fn: Callable[[], None]) -> float:
@@ -204,8 +204,8 @@ class Evaluator:
     def __init__(self, args: argparse.Namespace, task: Any, meter: fidlib.FIDMeter, device: torch.device,
                  classifier_accuracy: float | None, reference_accuracy: float, log: Callable[[str], None]):
         self.args, self.task, self.meter, self.device = args, task, meter, device
-        self.per_class = math.ceil(args.num_samples / common.NUM_CLASSES)
-        self.labels = common.class_labels(self.per_class)
+        self.per_class = math.ceil(args.num_samples / NUM_CLASSES)
+        self.labels = class_labels(self.per_class)
         self.classifier_accuracy, self.reference_accuracy = classifier_accuracy, reference_accuracy
         self.log = log
         self._initial: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
@@ -215,10 +215,10 @@ class Evaluator:
 
     def __call__(self, module: torch.nn.Module) -> dict[str, Any]:
         began = time.perf_counter()
-        images = common.sample_images(module, self.task, samples_per_class=self.per_class,
-                                      steps=self.args.sample_steps, cfg_scale=self.args.cfg_scale,
-                                      seed=self.args.seed, batch_size=self.args.sample_batch, device=self.device,
-                                      autocast=self.autocast if self.device.type == "cuda" else None)
+        images = sample_images(module, self.task, samples_per_class=self.per_class,
+                               steps=self.args.sample_steps, cfg_scale=self.args.cfg_scale,
+                               seed=self.args.seed, batch_size=self.args.sample_batch, device=self.device,
+                               autocast=self.autocast if self.device.type == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         sampled = time.perf_counter()
@@ -252,10 +252,10 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
     task = evaluate.task
     objective = task.objective
     torch.manual_seed(args.seed)  # same initial weights for every variant
-    model = common.build_model(args.backbone, args.preset)
-    depth = common.stack_depth(model)
+    model = build_model(args.backbone, args.preset)
+    depth = stack_depth(model)
     routes = variant.resolve_routes(depth)
-    ema = common.EMA(model, decay=args.ema_decay)  # a plain backbone copy, made before routing
+    ema = EMA(model, decay=args.ema_decay)  # a plain backbone copy, made before routing
     if "mask" in variant.kwargs:  # MaskDiT: tokenroute.mask instead of wrap (routes then apply in the decoder)
         tokenroute.mask(model, seed=args.seed, routes=routes or (), **variant.kwargs["mask"])
     elif routes:
@@ -267,7 +267,7 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
     mae_weight = float(combine_kwargs.get("mae_weight", 0.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
     images, labels = data["images"], data["labels"]
-    batches = common.StepBatches(len(images), args.batch_size, seed=args.seed)
+    batches = StepBatches(len(images), args.batch_size, seed=args.seed)
     patch_size, null_label = model.patch_size, model.num_classes
     cuda = device.type == "cuda"
 
@@ -279,17 +279,17 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
 
     def step(index: int, update: bool = True) -> torch.Tensor:
         idx = batches.indices(index).to(device)
-        x0 = common.to_model_range(images[idx])
+        x0 = to_model_range(images[idx])
         y = labels[idx]
-        g = common.step_generator(args.seed, index, 0, device)
-        y = common.drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
+        g = step_generator(args.seed, index, 0, device)
+        y = drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
         batch = objective.prepare(x0, generator=g)
         prediction = objective.predict(model_fn, batch, y).float()
         per_token = objective.per_token_loss(prediction, batch, patch_size)
         masks = tokenroute.routing_masks(model) if routed else []
         extra = dict(combine_kwargs)
         if mae_weight > 0:
-            extra["mae"] = common.mae_term(prediction, batch, patch_size)
+            extra["mae"] = mae_term(prediction, batch, patch_size)
         loss, parts = tokenroute.losses.combine(per_token, masks, mode=variant.loss_mode, **extra)
         loss.backward()
         if update:
@@ -433,7 +433,7 @@ def previous_variants(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"convergence.py: error: --append: cannot read {path}: {err}") from None
-    new_config = json.loads(json.dumps(common.jsonable(payload["config"])))
+    new_config = json.loads(json.dumps(jsonable(payload["config"])))
     differ = [f"{k} {old.get('config', {}).get(k)!r} -> {new_config.get(k)!r}" for k in APPEND_MATCH
               if old.get("config", {}).get(k) != new_config.get(k)]
     for section, key in (("environment", "device"), ("classifier", "test_accuracy")):
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    defaults = common.PRESET_DEFAULTS[args.preset]
+    defaults = PRESET_DEFAULTS[args.preset]
     args.batch_size = args.batch_size or defaults["batch_size"]
     args.lr = args.lr if args.lr is not None else defaults["lr"]
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -461,37 +461,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     if args.budget_seconds <= 0 or args.evals < 1 or args.num_samples < 2 or args.chunk_steps < 1:
         parser.error("--budget-seconds must be > 0, --evals and --chunk-steps >= 1, --num-samples >= 2")
-    device = fidlib.benchmarks_common().bench_device(cpu=args.smoke, name=args.device)
+    device = bench_device(cpu=args.smoke, name=args.device)
     output = args.output or fidlib.RESULTS_DIR / ("convergence_smoke.json" if args.smoke else "convergence.json")
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 
     began = time.perf_counter()
     try:
-        folder = common.locate_fashion_mnist(args.data_dir, download=not args.no_download)
-        train_images, train_labels = common.load_fashion_mnist(folder, splits=("train",), download=False)
-        test_images, test_labels = common.load_fashion_mnist(folder, splits=("t10k",), download=False)
-    except common.DataError as err:
+        folder = locate_fashion_mnist(args.data_dir, download=not args.no_download)
+        train_images, train_labels = load_fashion_mnist(folder, splits=("train",), download=False)
+        test_images, test_labels = load_fashion_mnist(folder, splits=("t10k",), download=False)
+    except DataError as err:
         raise SystemExit(f"convergence.py: error: {err}") from None
     if args.num_reference and args.num_reference < len(test_images):
         test_images, test_labels = test_images[:args.num_reference], test_labels[:args.num_reference]
-    data = {"images": common.pad_images(train_images).to(device), "labels": train_labels.to(device)}
-    reference = common.pad_images(test_images)
+    data = {"images": pad_images(train_images).to(device), "labels": train_labels.to(device)}
+    reference = pad_images(test_images)
 
     info = fidlib.classifier_info(args.classifier)
     meter = fidlib.FIDMeter(reference, weights=args.classifier, device=device)
     reference_accuracy = meter.accuracy(reference, test_labels)
-    evaluate = Evaluator(args, common.make_task("edm"), meter, device, info.get("test_accuracy"),
+    evaluate = Evaluator(args, make_task("edm"), meter, device, info.get("test_accuracy"),
                          reference_accuracy, log)
     log(f"data {folder}: {len(train_images)} training images, {len(reference)} reference images; classifier "
         f"accuracy on them {reference_accuracy:.4f} (recorded test accuracy {info.get('test_accuracy')}); "
         f"setup {time.perf_counter() - began:.1f} s")
 
     config = {k: v for k, v in vars(args).items() if k not in ("output", "quiet")}
-    config.update(variants=names, num_samples=evaluate.per_class * common.NUM_CLASSES, objective="edm",
+    config.update(variants=names, num_samples=evaluate.per_class * NUM_CLASSES, objective="edm",
                   sampler=f"EDM Heun, {args.sample_steps} steps, EMA weights, unrouted, eval mode",
                   optimizer=f"AdamW lr {args.lr}, betas (0.9, 0.999), no weight decay",
                   autocast="bf16" if device.type == "cuda" else None,
-                  model_config=common.model_config(args.backbone, args.preset), device=str(device),
+                  model_config=model_config(args.backbone, args.preset), device=str(device),
                   clock="CUDA events around training steps" if device.type == "cuda" else "wall clock (CPU)")
     payload: dict[str, Any] = {
         "benchmark": "convergence", "environment": environment(device), "config": config,
@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def save() -> None:  # after every evaluation: a run cut short keeps its figures and plot
         payload["summary"] = compare(payload["variants"])
         payload["wall_seconds"] = time.perf_counter() - began
-        common.write_json(payload, output)
+        write_json(payload, output)
         plot(payload, png)
 
     for name in names:

@@ -22,9 +22,7 @@ The weights live in ``benchmarks/results/fmnist_classifier.safetensors`` and the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,40 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenroute.training import load_fashion_mnist, pad_images
+
 BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 WEIGHTS = RESULTS_DIR / "fmnist_classifier.safetensors"
 ARCHITECTURE = "FashionClassifier-v1"  # bump when the layers change: old weights no longer load
 NUM_FEATURES = 128
 IMAGE_SIZE = 32
-
-
-def load_module(name: str, path: Path):
-    """Import a file as module `name` (once): the examples and benchmarks folders are not packages, and both
-    hold a `common.py`, so neither is imported as plain `common` here."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def examples_common():
-    """examples/common.py (Fashion-MNIST loader, presets, samplers, EMA), under the name its own
-    `load_example` gives the examples, so it is one module however it was reached."""
-    return load_module("_tokenroute_example_common", ROOT / "examples" / "common.py")
-
-
-def benchmarks_common():
-    """benchmarks/common.py (environment record, timers)."""
-    return load_module("_tokenroute_benchmarks_common", BENCH_DIR / "common.py")
 
 
 def info_path(weights: str | Path) -> Path:
@@ -265,9 +237,8 @@ def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def load_split(split: str, data_dir: str | Path | None = None, download: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 1, 32, 32) uint8 images and (N,) labels of one Fashion-MNIST split ("train" or "t10k")."""
-    common = examples_common()
-    images, labels = common.load_fashion_mnist(data_dir, splits=(split,), download=download)
-    return common.pad_images(images), labels
+    images, labels = load_fashion_mnist(data_dir, splits=(split,), download=download)
+    return pad_images(images), labels
 
 
 def train_classifier(data_dir: str | Path | None = None, *, epochs: int = 4, batch_size: int = 128,

@@ -20,18 +20,19 @@ from typing import Any, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (examples/common.py)
-
-import tokenroute  # noqa: E402
-from tokenroute.losses import EpsilonPrediction, combine  # noqa: E402
-from tokenroute.sampling import guided_prediction  # noqa: E402
+import tokenroute
+from tokenroute.losses import EpsilonPrediction, combine
+from tokenroute.sampling import guided_prediction
+from tokenroute.training import (DEFAULT_DATA_DIR, EMA, IMAGE_SIZE, NUM_CLASSES, DataError, LossLog, Progress,
+                                 StepBatches, class_labels, format_routes, load_fashion_mnist, locate_fashion_mnist,
+                                 mask_checksum, mixed_precision, pad_images, parse_routes, run_facts, save_grid,
+                                 save_loss_plot, step_generator, to_model_range, tread_routes, write_json)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffusers_dit.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # defaults in --help
-    p.add_argument("--routes", type=common.parse_routes, default=None, metavar="START:END:RATIO[,...]",
+    p.add_argument("--routes", type=parse_routes, default=None, metavar="START:END:RATIO[,...]",
                    help="TREAD routes over transformer_blocks (END inclusive); default: none")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--output", default="outputs/diffusers-dit")
@@ -45,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--attention-head-dim", type=int, default=16)
     p.add_argument("--patch-size", type=int, default=4, choices=(2, 4))
-    p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--no-download", action="store_true", help="never fall back to torchvision's download")
     p.add_argument("--num-inference-steps", type=int, default=25, help="DDIM steps at sampling")
     p.add_argument("--samples-per-class", type=int, default=8)
@@ -67,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     try:
-        data_folder = common.locate_fashion_mnist(args.data_dir, download=not args.no_download)
-    except common.DataError as err:
+        data_folder = locate_fashion_mnist(args.data_dir, download=not args.no_download)
+    except DataError as err:
         raise SystemExit(f"diffusers_dit.py: error: {err}") from None
 
     from accelerate import Accelerator
@@ -78,18 +79,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = DiTTransformer2DModel(
         num_attention_heads=args.num_attention_heads, attention_head_dim=args.attention_head_dim,
-        in_channels=1, out_channels=1, num_layers=args.num_layers, sample_size=common.IMAGE_SIZE,
-        patch_size=args.patch_size, num_embeds_ada_norm=common.NUM_CLASSES, norm_num_groups=1,
+        in_channels=1, out_channels=1, num_layers=args.num_layers, sample_size=IMAGE_SIZE,
+        patch_size=args.patch_size, num_embeds_ada_norm=NUM_CLASSES, norm_num_groups=1,
     )  # its label embedding drops 10% of the labels in training (label 10 = unconditional)
-    ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None  # like diffusers' EMAModel
-    routes = common.tread_routes(args.num_layers) if args.routes == "tread" else args.routes
+    ema = EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None  # like diffusers' EMAModel
+    routes = tread_routes(args.num_layers) if args.routes == "tread" else args.routes
     if routes:
         try:
             model = tokenroute.wrap(model, routes=routes, seed=args.seed)  # <- the only change that enables TREAD
         except tokenroute.RouteError as err:
-            raise SystemExit(f"diffusers_dit.py: error: --routes {common.format_routes(routes)}: {err}") from None
+            raise SystemExit(f"diffusers_dit.py: error: --routes {format_routes(routes)}: {err}") from None
 
-    accelerator = Accelerator(mixed_precision=common.mixed_precision(args.mixed_precision),
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.mixed_precision),
                               cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if accelerator.is_main_process and not args.quiet \
@@ -98,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     objective = EpsilonPrediction(noise_scheduler)  # tokenroute.losses: per-token epsilon loss
 
-    images, labels = common.load_fashion_mnist(data_folder, download=False)
-    images, labels = common.pad_images(images).to(device), labels.to(device)
-    batches = common.StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    images, labels = load_fashion_mnist(data_folder, download=False)
+    images, labels = pad_images(images).to(device), labels.to(device)
+    batches = StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer,
@@ -110,27 +111,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if ema is not None:
         ema.module.to(device)
     out_dir = Path(args.output)
-    loss_log = common.LossLog(out_dir / "loss.csv")
+    loss_log = LossLog(out_dir / "loss.csv")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         loss_log.start()
     say(f"DiTTransformer2DModel: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-        f"{args.num_layers} blocks, {(common.IMAGE_SIZE // args.patch_size) ** 2} tokens, routes "
-        f"{common.format_routes(routes)}, {world} process(es) on {device}")
+        f"{args.num_layers} blocks, {(IMAGE_SIZE // args.patch_size) ** 2} tokens, routes "
+        f"{format_routes(routes)}, {world} process(es) on {device}")
 
-    progress = common.Progress(args.max_steps, 0, enabled=accelerator.is_main_process and not args.quiet,
-                               every=max(args.log_every, args.max_steps // 20))
+    progress = Progress(args.max_steps, 0, enabled=accelerator.is_main_process and not args.quiet,
+                        every=max(args.log_every, args.max_steps // 20))
     rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     last_loss = float("nan")
     model.train()
     loop_start = time.perf_counter()
     for step in range(args.max_steps):
         idx = batches.indices(step).to(device)
-        clean_images, class_labels = common.to_model_range(images[idx]), labels[idx]
+        clean_images, batch_labels = to_model_range(images[idx]), labels[idx]
 
-        generator = common.step_generator(args.seed, step, rank, device)
+        generator = step_generator(args.seed, step, rank, device)
         batch = objective.prepare(clean_images, generator=generator)  # noise, timesteps, noisy images, target
-        model_pred = objective.predict(model, batch, class_labels=class_labels)
+        model_pred = objective.predict(model, batch, class_labels=batch_labels)
         per_token = objective.per_token_loss(model_pred.float(), batch, args.patch_size)
         masks = tokenroute.routing_masks(net) if routes else []
         loss, parts = combine(per_token, masks, mode=args.loss_mode)
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if ema is not None:
             ema.update(net, step)
 
-        rows.append((step + 1, loss.detach(), common.mask_checksum(masks)))
+        rows.append((step + 1, loss.detach(), mask_checksum(masks)))
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
             values = accelerator.gather(torch.stack([r[1] for r in rows])[None]).float().mean(0).tolist()
             if accelerator.is_main_process:
@@ -174,30 +175,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         transformer.eval()
         scheduler = DDIMScheduler.from_config(noise_scheduler.config)
         scheduler.set_timesteps(args.num_inference_steps, device=device)
-        y = common.class_labels(args.samples_per_class, device)
-        x = torch.randn(len(y), 1, common.IMAGE_SIZE, common.IMAGE_SIZE,
+        y = class_labels(args.samples_per_class, device)
+        x = torch.randn(len(y), 1, IMAGE_SIZE, IMAGE_SIZE,
                         generator=torch.Generator().manual_seed(args.seed)).to(device)
         routing = (0.3, 0.7, 1.5) if args.guidance_routing and routes else None
         with torch.no_grad(), accelerator.autocast():
             for t in scheduler.timesteps:
-                eps = guided_prediction(transformer, x, t, y, null_label=common.NUM_CLASSES, cfg_scale=args.cfg_scale,
+                eps = guided_prediction(transformer, x, t, y, null_label=NUM_CLASSES, cfg_scale=args.cfg_scale,
                                         routing=routing)
                 x = scheduler.step(eps.float(), t, x).prev_sample
-        samples_path = common.save_grid(x.clamp(-1, 1).cpu(), out_dir / "samples.png", nrow=args.samples_per_class)
-        loss_png = common.save_loss_plot(out_dir / "loss.csv", out_dir / "loss.png",
-                                         f"DiTTransformer2DModel, routes {common.format_routes(routes)}")
+        samples_path = save_grid(x.clamp(-1, 1).cpu(), out_dir / "samples.png", nrow=args.samples_per_class)
+        loss_png = save_loss_plot(out_dir / "loss.csv", out_dir / "loss.png",
+                                  f"DiTTransformer2DModel, routes {format_routes(routes)}")
         images_run = args.max_steps * args.batch_size * world
         summary = {
             "steps": args.max_steps, "images_per_s": images_run / train_time if args.max_steps else 0.0,
             "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start, "final_loss": last_loss,
             "model": {"class": "DiTTransformer2DModel", "config": dict(transformer.config),
                       "parameters": sum(p.numel() for p in transformer.parameters())},
-            **common.run_facts(args, routes, accelerator),
+            **run_facts(args, routes, accelerator),
             "outputs": {"transformer": str(out_dir / "transformer"), "scheduler": str(out_dir / "scheduler"),
                         "samples": str(samples_path), "loss_csv": str(out_dir / "loss.csv"),
                         "loss_png": str(loss_png) if loss_png else None},
         }
-        common.write_json(summary, out_dir / "summary.json")
+        write_json(summary, out_dir / "summary.json")
         say(f"done: {args.max_steps} steps, {summary['images_per_s']:.1f} images/s, loss {last_loss:.4f}; "
             f"outputs in {out_dir}")
     accelerator.wait_for_everyone()

@@ -19,13 +19,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (examples/common.py)
-
-import tokenroute  # noqa: E402
+import tokenroute
+from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLASSES, PRESET_DEFAULTS, PRESET_NAMES,
+                                 DataError, LossLog, Progress, StepBatches, build_model, drop_labels, format_routes,
+                                 latest_checkpoint, load_fashion_mnist, load_weights, locate_fashion_mnist, mae_term,
+                                 make_task, mask_checksum, mixed_precision, model_config, pad_images, parse_routes,
+                                 prune_checkpoints, run_config, run_facts, sample_images, save_grid, save_loss_plot,
+                                 save_weights, stack_depth, step_generator, to_model_range, tread_routes, write_json)
 
 SAMPLE_STEPS = {"edm": 18, "flow": 32, "eps": 32}
+
+
+def num_tokens(model: nn.Module) -> int:
+    """Routable (patch) tokens per image."""
+    h, w = model.grid_size
+    return h * w
 
 
 def positive_int(text: str) -> int:
@@ -54,11 +64,11 @@ def guidance_params(text: str) -> tuple[float, float, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", required=True, choices=common.BACKBONE_NAMES, help="repo backbone to train")
-    p.add_argument("--preset", default="tiny", choices=common.PRESET_NAMES,
+    p.add_argument("--backbone", required=True, choices=BACKBONE_NAMES, help="repo backbone to train")
+    p.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
                    help="tiny: CPU smoke (hidden 64, patch 4, 64 tokens); small: ~DiT-S/2; base: ~DiT-B/2 "
                         "(patch 2, 256 tokens). Default: %(default)s")
-    p.add_argument("--routes", type=common.parse_routes, default=None, metavar="START:END:RATIO[,...]",
+    p.add_argument("--routes", type=parse_routes, default=None, metavar="START:END:RATIO[,...]",
                    help="TREAD routes: END inclusive, RATIO = fraction of tokens that skip (write "
                         "--routes=-4:-2:0.5 for negative indices); 'tread' for (2, depth-4, 0.5). Default: none")
     p.add_argument("--mask", type=float, default=None, metavar="RATIO",
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-dropout", type=float, default=0.1, help="for classifier-free guidance; default: 0.1")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="at most; warmed up as (1 + step) / (10 + step). Default: %(default)s")
-    p.add_argument("--data-dir", default=common.DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="Fashion-MNIST's idx .gz files; default: %(default)s")
     p.add_argument("--no-download", action="store_true", help="never fall back to torchvision's download")
     p.add_argument("--sample-every", type=non_negative_int, default=1000,
@@ -115,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    defaults = common.PRESET_DEFAULTS[args.preset]
+    defaults = PRESET_DEFAULTS[args.preset]
     args.batch_size = args.batch_size or defaults["batch_size"]
     args.lr = args.lr if args.lr is not None else defaults["lr"]
     args.sample_steps = args.sample_steps or SAMPLE_STEPS[args.objective]
@@ -124,22 +134,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # --- checks before any work: data present, routes valid for this backbone -------------------------
     try:
-        data_folder = common.locate_fashion_mnist(args.data_dir, download=not args.no_download)
-    except common.DataError as err:
+        data_folder = locate_fashion_mnist(args.data_dir, download=not args.no_download)
+    except DataError as err:
         raise SystemExit(f"train.py: error: {err}") from None
-    task = common.make_task(args.objective)
+    task = make_task(args.objective)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run with this seed
-    model = common.build_model(args.backbone, args.preset)
-    depth = common.stack_depth(model)
-    routes = common.tread_routes(depth) if args.routes == "tread" else args.routes
-    ema = common.EMA(model, decay=args.ema_decay)  # a plain copy of the backbone, made before routing
+    model = build_model(args.backbone, args.preset)
+    depth = stack_depth(model)
+    routes = tread_routes(depth) if args.routes == "tread" else args.routes
+    ema = EMA(model, decay=args.ema_decay)  # a plain copy of the backbone, made before routing
 
     if routes and args.mask is None:
         try:
             model = tokenroute.wrap(model, routes=routes, seed=args.seed)  # <- the one line that enables TREAD
         except tokenroute.RouteError as err:
-            raise SystemExit(f"train.py: error: --routes {common.format_routes(routes)}: {err} "
+            raise SystemExit(f"train.py: error: --routes {format_routes(routes)}: {err} "
                              f"(the {args.preset} {args.backbone} has {depth} blocks, 0..{depth - 1})") from None
     if args.mask is not None:  # MaskDiT: drop --mask of the tokens, the last --decoder blocks decode
         try:
@@ -151,13 +161,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if rg is not None:  # routing guidance at sampling routes the EMA copy: it gets the same routes
         tokenroute.wrap(ema.module, routes=routes, seed=args.seed + 1)
 
-    output = Path(args.output or f"outputs/{args.backbone}-{args.preset}-{common.format_routes(routes)}")
+    output = Path(args.output or f"outputs/{args.backbone}-{args.preset}-{format_routes(routes)}")
 
     # --- accelerate: devices, processes, mixed precision -----------------------------------------------
     from accelerate import Accelerator
     from accelerate.utils import broadcast
 
-    accelerator = Accelerator(mixed_precision=common.mixed_precision(args.mixed_precision),
+    accelerator = Accelerator(mixed_precision=mixed_precision(args.mixed_precision),
                               cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
@@ -166,10 +176,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.guidance_routing and not routes:
         say("--guidance-routing has no effect without --routes")
 
-    images, labels = common.load_fashion_mnist(data_folder, download=False)
-    images = common.pad_images(images).to(device)
+    images, labels = load_fashion_mnist(data_folder, download=False)
+    images = pad_images(images).to(device)
     labels = labels.to(device)
-    batches = common.StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
+    batches = StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
 
     net = model  # the backbone itself; `model` becomes its DDP/autocast wrapper after prepare
     objective, patch_size, null_label = task.objective, net.patch_size, net.num_classes
@@ -180,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ema.module.to(device)
 
     # --- resume ---------------------------------------------------------------------------------------
-    loss_log = common.LossLog(output / "loss.csv")
+    loss_log = LossLog(output / "loss.csv")
     start_step = 0
-    checkpoint = common.latest_checkpoint(output) if args.resume else None
+    checkpoint = latest_checkpoint(output) if args.resume else None
     if args.resume and checkpoint is None:
         say(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0")
     if checkpoint is not None:
@@ -192,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if saved[key] != getattr(args, key):
                 raise SystemExit(f"train.py: error: --resume: {checkpoint} was trained with --{key} {saved[key]}, "
                                  f"not {getattr(args, key)}")
-        if saved["routes"] != common.format_routes(routes):
+        if saved["routes"] != format_routes(routes):
             raise SystemExit(f"train.py: error: --resume: {checkpoint} was trained with --routes {saved['routes']}, "
-                             f"not {common.format_routes(routes)}")
+                             f"not {format_routes(routes)}")
         for key in ("batch_size", "seed", "lr", "loss_mode"):
             if saved[key] != getattr(args, key):
                 say(f"--resume: --{key.replace('_', '-')} changed from {saved[key]} to {getattr(args, key)}")
-        net.load_state_dict(common.load_weights(checkpoint / "model.safetensors"))
-        ema.load_state_dict(common.load_weights(checkpoint / "ema.safetensors"))
+        net.load_state_dict(load_weights(checkpoint / "model.safetensors"))
+        ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         rank_file = checkpoint / f"rank{rank}.pt"
@@ -245,10 +255,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         written = None
         if main_process:
-            imgs = common.sample_images(ema.module, task, samples_per_class=args.samples_per_class,
-                                        steps=args.sample_steps, cfg_scale=args.cfg_scale, routing=rg,
-                                        seed=args.seed, device=device, autocast=accelerator.autocast)
-            written = common.save_grid(imgs, path, nrow=args.samples_per_class)
+            imgs = sample_images(ema.module, task, samples_per_class=args.samples_per_class,
+                                 steps=args.sample_steps, cfg_scale=args.cfg_scale, routing=rg,
+                                 seed=args.seed, device=device, autocast=accelerator.autocast)
+            written = save_grid(imgs, path, nrow=args.samples_per_class)
         accelerator.wait_for_everyone()
         overhead[0] += time.perf_counter() - t0
         return written
@@ -271,33 +281,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    tmp / f"rank{rank}.pt")
         if main_process:
             meta = {"backbone": args.backbone, "preset": args.preset, "step": str(step)}
-            common.save_weights(net.state_dict(), tmp / "model.safetensors", meta)
-            common.save_weights(ema.state_dict(), tmp / "ema.safetensors", meta)
-            common.write_json({"backbone": args.backbone, "preset": args.preset,
-                               "model_config": common.model_config(args.backbone, args.preset),
-                               "routes": common.format_routes(routes), "objective": args.objective, "step": step},
-                              tmp / "config.json")
+            save_weights(net.state_dict(), tmp / "model.safetensors", meta)
+            save_weights(ema.state_dict(), tmp / "ema.safetensors", meta)
+            write_json({"backbone": args.backbone, "preset": args.preset,
+                        "model_config": model_config(args.backbone, args.preset),
+                        "routes": format_routes(routes), "objective": args.objective, "step": step},
+                       tmp / "config.json")
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                        "args": common.run_config(args, routes), "world_size": world},
+                        "args": run_config(args, routes), "world_size": world},
                        tmp / "training_state.pt")
         accelerator.wait_for_everyone()
         if main_process:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            common.prune_checkpoints(output, args.keep_checkpoints)
+            prune_checkpoints(output, args.keep_checkpoints)
         accelerator.wait_for_everyone()
         overhead[0] += time.perf_counter() - t0
         return final
 
     say(f"{args.backbone}/{args.preset}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-        f"{depth} blocks, {common.num_tokens(net)} tokens, routes {common.format_routes(routes)}, "
+        f"{depth} blocks, {num_tokens(net)} tokens, routes {format_routes(routes)}, "
         f"objective {args.objective}, {world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
         f"global batch {args.batch_size * world}, {len(images)} images")
 
     # --- training loop ----------------------------------------------------------------------------------
-    progress = common.Progress(args.max_steps, start_step, enabled=main_process and not args.quiet,
-                               every=max(args.log_every, (args.max_steps - start_step) // 20))
+    progress = Progress(args.max_steps, start_step, enabled=main_process and not args.quiet,
+                        every=max(args.log_every, (args.max_steps - start_step) // 20))
     first_checksums = None
     first_step_s = None
     stopped_by = "max_steps"
@@ -308,10 +318,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     while step < args.max_steps:
         t_step = time.perf_counter()
         idx = batches.indices(step).to(device)
-        x0 = common.to_model_range(images[idx])
+        x0 = to_model_range(images[idx])
         y = labels[idx]
-        g = common.step_generator(args.seed, step, rank, device)
-        y = common.drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
+        g = step_generator(args.seed, step, rank, device)
+        y = drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
 
         batch = objective.prepare(x0, generator=g)
         prediction = objective.predict(task.backbone_fn(model), batch, y)
@@ -321,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
         extra = {}
         if args.mask is not None:  # MaskDiT's MAE term on the dropped tokens, target: the normalised noisy input
-            extra = dict(mae=common.mae_term(prediction, batch, patch_size), mae_weight=args.mae_weight)
+            extra = dict(mae=mae_term(prediction, batch, patch_size), mae_weight=args.mae_weight)
         loss, parts = tokenroute.losses.combine(per_token, masks, mode=args.loss_mode, **extra)
 
         accelerator.backward(loss)
@@ -333,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         ema.update(net, step)
 
-        checksum = common.mask_checksum(masks).to(device)
+        checksum = mask_checksum(masks).to(device)
         if first_checksums is None:  # one number per rank: ranks route different tokens
             first_checksums = accelerator.gather(checksum[None]).tolist()
             if device.type == "cuda":
@@ -373,9 +383,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     samples_path = sample(output / "samples.png")
     summary: dict[str, Any] = {}
     if main_process:
-        title = (f"{args.backbone}/{args.preset}, routes {common.format_routes(routes)}, {args.objective}, "
+        title = (f"{args.backbone}/{args.preset}, routes {format_routes(routes)}, {args.objective}, "
                  f"batch {args.batch_size * world}")
-        loss_png = common.save_loss_plot(output / "loss.csv", output / "loss.png", title)
+        loss_png = save_loss_plot(output / "loss.csv", output / "loss.png", title)
         rows = loss_log.read()
         losses = [float(r["loss"]) for r in rows]
         tail = losses[-max(1, len(losses) // 10):] if losses else []
@@ -394,16 +404,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "epoch": batches.epoch(max(step - 1, 0)),
             "first_step_mask_checksums": first_checksums,
             "model": {"backbone": args.backbone, "preset": args.preset, "class": type(net).__name__,
-                      "config": common.model_config(args.backbone, args.preset),
+                      "config": model_config(args.backbone, args.preset),
                       "parameters": sum(p.numel() for p in net.parameters()), "depth": depth,
-                      "tokens": common.num_tokens(net)},
-            "data": {"dir": str(data_folder), "images": len(images), "classes": common.NUM_CLASSES},
-            **common.run_facts(args, routes, accelerator), "global_batch_size": args.batch_size * world,
+                      "tokens": num_tokens(net)},
+            "data": {"dir": str(data_folder), "images": len(images), "classes": NUM_CLASSES},
+            **run_facts(args, routes, accelerator), "global_batch_size": args.batch_size * world,
             "outputs": {"samples": str(samples_path), "loss_csv": str(output / "loss.csv"),
                         "loss_png": str(loss_png) if loss_png else None, "checkpoint": str(last_checkpoint),
                         "summary": str(output / "summary.json")},
         }
-        common.write_json(summary, output / "summary.json")
+        write_json(summary, output / "summary.json")
         say(f"done: {step} steps, {summary['images_per_s']:.1f} images/s, loss {summary['final_loss']}, "
             f"{summary['wall_time_s']:.1f} s; outputs in {output}")
     accelerator.wait_for_everyone()

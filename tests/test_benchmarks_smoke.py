@@ -1,62 +1,39 @@
 """The benchmarks' smoke modes on the CPU: throughput.py and convergence.py (on the synthetic stand-in for
-Fashion-MNIST), their JSON and PNG outputs, and the FID helpers of benchmarks/fid.py. No timing assertions."""
+Fashion-MNIST), their JSON and PNG outputs, and the FID helpers of benchmarks/fid.py. No timing assertions.
+
+benchmarks/ is on pytest's pythonpath (pyproject.toml), so its scripts import by name, as they import each other.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tokenroute.training import write_synthetic_fashion_mnist
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("safetensors")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TREAD_VARIANTS = ("baseline", "tread_routes", "tread_all")  # at least these; VARIANTS may hold more
-
-
-@contextlib.contextmanager
-def benchmarks_on_path():
-    """benchmarks/ first on sys.path, and `common` free to mean benchmarks/common.py while its scripts import;
-    afterwards sys.path and whatever `common` meant before (tests/test_examples.py imports examples/common.py
-    under that name) are restored."""
-    shared = ("common", "handwritten")
-    saved_path = list(sys.path)
-    saved = {name: sys.modules.pop(name) for name in shared if name in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in shared:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
-
-
-def load(name: str):
-    """Import benchmarks/<name>.py (the folder is not a package)."""
-    with benchmarks_on_path():
-        return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def fid():
     pytest.importorskip("torchmetrics")
-    return load("fid")
+    import fid
+
+    return fid
 
 
 @pytest.fixture(scope="module")
 def data_dir(fid, tmp_path_factory) -> Path:
-    common = fid.examples_common()
-    return common.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), num_train=256, num_test=64)
+    return write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), num_train=256, num_test=64)
 
 
 def is_png(path: Path) -> bool:
@@ -69,7 +46,7 @@ def is_png(path: Path) -> bool:
 
 
 def test_throughput_smoke(tmp_path):
-    throughput = load("throughput")
+    import throughput
     out = tmp_path / "throughput_smoke.json"
     throughput.main(["--smoke", "--output", str(out), "--steps", "1", "--reps", "1", "--warmup", "1"])
     payload = json.loads(out.read_text())
@@ -126,7 +103,7 @@ def test_feature_extractor_in_torchmetrics(fid):
 
 
 def test_time_to_reach():
-    convergence = load("convergence")
+    import convergence
     points = [(0.0, 300.0), (10.0, 100.0), (20.0, 50.0), (30.0, 40.0)]
     assert convergence.time_to_reach(points, 75.0) == pytest.approx(15.0)
     assert convergence.time_to_reach(points, 40.0) == pytest.approx(30.0)
@@ -141,7 +118,7 @@ def test_time_to_reach():
 
 
 def test_convergence_smoke(fid, data_dir, tmp_path):
-    convergence = load("convergence")
+    import convergence
     out = tmp_path / "convergence_smoke.json"
     payload = convergence.main(["--smoke", "--data-dir", str(data_dir), "--no-download", "--output", str(out),
                                 "--budget-seconds", "1", "--evals", "2", "--num-samples", "40", "--sample-steps", "3",
@@ -192,7 +169,7 @@ def test_convergence_smoke(fid, data_dir, tmp_path):
 
 
 def test_convergence_rejects_bad_arguments(fid, data_dir, tmp_path):
-    convergence = load("convergence")
+    import convergence
     common = ["--smoke", "--data-dir", str(data_dir), "--no-download", "--quiet"]
     with pytest.raises(SystemExit):
         convergence.main([*common, "--variants", "baseline,nope", "--output", str(tmp_path / "x.json")])
@@ -206,12 +183,11 @@ def test_convergence_rejects_bad_arguments(fid, data_dir, tmp_path):
 @pytest.mark.parametrize("name, routes", [("dit", [(1, 3, 0.5)]), ("uvit", [(1, 3, 0.5)]), ("mamba", [(1, 3, 0.25)])])
 def test_handwritten_references_compute_what_the_splice_computes(name, routes, monkeypatch):
     """The benchmark's hand-written TREAD loops, given the splice's kept tokens, give its output exactly."""
+    import handwritten
     from helpers import backbone_inputs, make_backbone
 
     import tokenroute
 
-    with benchmarks_on_path():
-        handwritten = importlib.import_module("handwritten")
     model = make_backbone(name, depth=5)
     inputs = backbone_inputs(2)
     tokenroute.wrap(model, routes, seed=0)
@@ -228,7 +204,7 @@ def test_handwritten_references_compute_what_the_splice_computes(name, routes, m
 
 
 def test_profile_step_smoke(tmp_path):
-    profile_step = load("profile_step")
+    import profile_step
     out = tmp_path / "profile_step_smoke.json"
     profile_step.main(["--smoke", "--output", str(out)])
     (result,) = json.loads(out.read_text())["results"]
@@ -242,7 +218,7 @@ def test_profile_step_smoke(tmp_path):
 
 
 def test_profile_categories():
-    profile_step = load("profile_step")
+    import profile_step
     assert profile_step.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert profile_step.category("aten::addmm") == "matmul"
     assert profile_step.category("flash_fwd_kernel") == "attention"
@@ -258,7 +234,7 @@ def test_profile_categories():
     ("DiT-B/2", 0.5, 0.99, 1.011, {"routed_over_handwritten_time": True, "wrapped_off_over_unwrapped_time": False}),
 ])
 def test_throughput_targets(model, achieved, routed, off, expected):
-    throughput = load("throughput")
+    import throughput
     result = {"model": model, "achieved_over_ideal": achieved, "routed_over_handwritten_time": routed,
               "wrapped_off_over_unwrapped_time": off}
     assert throughput.meets_targets(result) == expected

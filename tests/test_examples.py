@@ -1,4 +1,4 @@
-"""The examples (examples/train.py, examples/diffusers_dit.py, common.compare_routing) as smoke runs on the CPU.
+"""The examples (examples/train.py, examples/diffusers_dit.py, demo.compare_routing) as smoke runs on the CPU.
 
 Every run trains a tiny model for a few steps on a synthetic stand-in for Fashion-MNIST written in the same
 idx gz format (so these tests run anywhere); one run reads the real files when they are installed.
@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenroute import training
+
 pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import common  # noqa: E402
+EXAMPLES = ROOT / "examples"  # on pytest's pythonpath (pyproject.toml): the scripts import as modules
 
-REAL_DATA = Path(common.DEFAULT_DATA_DIR)
+REAL_DATA = Path(training.DEFAULT_DATA_DIR)
 # Small and fast: a few steps of the tiny presets, tiny sampling.
 FAST = ["--preset", "tiny", "--batch-size", "4", "--samples-per-class", "1", "--sample-steps", "2", "--quiet",
         "--no-download"]
@@ -36,12 +36,14 @@ FAST = ["--preset", "tiny", "--batch-size", "4", "--samples-per-class", "1", "--
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return common.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), num_train=48, num_test=16)
+    return training.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), num_train=48, num_test=16)
 
 
 @pytest.fixture(scope="module")
 def train():
-    return common.load_example("train")
+    import train
+
+    return train
 
 
 def run_train(train, data_dir: Path, output: Path, *args: str) -> dict:
@@ -67,50 +69,50 @@ def subprocess_env() -> dict[str, str]:
 
 def test_idx_files_round_trip(tmp_path):
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8).numpy()
-    common.write_idx(tmp_path / "x-idx3-ubyte.gz", images)
-    assert (common.read_idx(tmp_path / "x-idx3-ubyte.gz") == images).all()
+    training.write_idx(tmp_path / "x-idx3-ubyte.gz", images)
+    assert (training.read_idx(tmp_path / "x-idx3-ubyte.gz") == images).all()
     raw = (tmp_path / "x-idx3-ubyte.gz").read_bytes()
     (tmp_path / "bad.gz").write_bytes(raw[:-50])
-    with pytest.raises(common.DataError, match="not an idx file|truncated"):
-        common.read_idx(tmp_path / "bad.gz")
+    with pytest.raises(training.DataError, match="not an idx file|truncated"):
+        training.read_idx(tmp_path / "bad.gz")
 
 
 def test_synthetic_fixture_loads_like_fashion_mnist(data_dir):
-    images, labels = common.load_fashion_mnist(data_dir, download=False)
+    images, labels = training.load_fashion_mnist(data_dir, download=False)
     assert images.shape == (64, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
-    padded = common.pad_images(images)
+    padded = training.pad_images(images)
     assert padded.shape == (64, 1, 32, 32) and torch.equal(padded[:, 0, 2:30, 2:30], images)
-    x = common.to_model_range(padded)
+    x = training.to_model_range(padded)
     assert x.min() >= -1 and x.max() <= 1
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"Fashion-MNIST is not installed in {REAL_DATA} "
                     "(Debian package dataset-fashion-mnist)")
 def test_real_fashion_mnist_files():
-    images, labels = common.load_fashion_mnist(REAL_DATA, download=False)
+    images, labels = training.load_fashion_mnist(REAL_DATA, download=False)
     assert images.shape == (70_000, 28, 28)
     assert torch.bincount(labels).tolist() == [7_000] * 10
 
 
 def test_step_batches_are_a_function_of_the_step():
-    a, b = common.StepBatches(100, 8, seed=3), common.StepBatches(100, 8, seed=3)
+    a, b = training.StepBatches(100, 8, seed=3), training.StepBatches(100, 8, seed=3)
     assert a.steps_per_epoch == 12
     assert torch.equal(a.indices(30), b.indices(30)) and torch.equal(a.indices(5), b.indices(5))
     epoch = torch.cat([a.indices(s) for s in range(12)])
     assert len(set(epoch.tolist())) == 96  # no repeats within an epoch
-    ranks = [common.StepBatches(100, 8, seed=3, rank=r, world_size=2).indices(0) for r in range(2)]
+    ranks = [training.StepBatches(100, 8, seed=3, rank=r, world_size=2).indices(0) for r in range(2)]
     assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
 
 
 def test_parse_routes():
-    assert common.parse_routes("2:8:0.5") == [(2, 8, 0.5)]
-    assert common.parse_routes("1:2:0.5, -3:-2:0.25") == [(1, 2, 0.5), (-3, -2, 0.25)]
-    assert common.parse_routes("none") is None and common.parse_routes("tread") == "tread"
-    assert common.tread_routes(12) == [(2, 8, 0.5)] and common.tread_routes(6) == [(1, 4, 0.5)]
+    assert training.parse_routes("2:8:0.5") == [(2, 8, 0.5)]
+    assert training.parse_routes("1:2:0.5, -3:-2:0.25") == [(1, 2, 0.5), (-3, -2, 0.25)]
+    assert training.parse_routes("none") is None and training.parse_routes("tread") == "tread"
+    assert training.tread_routes(12) == [(2, 8, 0.5)] and training.tread_routes(6) == [(1, 4, 0.5)]
     for bad in ("2:8", "a:b:c", "1:2:1.0", "1:2:-0.1"):
         with pytest.raises(Exception, match="route"):
-            common.parse_routes(bad)
+            training.parse_routes(bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,16 +129,16 @@ def check_run(output: Path, summary: dict, backbone: str, steps: int) -> None:
     assert math.isfinite(on_disk["final_loss"])
     assert on_disk["device"] == "cpu" and on_disk["torch_version"] == torch.__version__
     assert on_disk["config"]["backbone"] == backbone and on_disk["model"]["backbone"] == backbone
-    assert len(common.read_loss_csv(output / "loss.csv")) == steps
+    assert len(training.read_loss_csv(output / "loss.csv")) == steps
 
     # The checkpoint loads into the plain (never wrapped) backbone: wrap leaves state_dict keys alone.
-    ckpt = common.latest_checkpoint(output)
+    ckpt = training.latest_checkpoint(output)
     assert ckpt is not None and ckpt.name == f"step_{steps:07d}"
     for name in ("model.safetensors", "ema.safetensors", "training_state.pt", "rank0.pt", "config.json"):
         assert (ckpt / name).is_file(), name
-    plain = common.build_model(backbone, "tiny")
-    plain.load_state_dict(common.load_weights(ckpt / "model.safetensors"), strict=True)
-    plain.load_state_dict(common.load_weights(ckpt / "ema.safetensors"), strict=True)
+    plain = training.build_model(backbone, "tiny")
+    plain.load_state_dict(training.load_weights(ckpt / "model.safetensors"), strict=True)
+    plain.load_state_dict(training.load_weights(ckpt / "ema.safetensors"), strict=True)
     assert not hasattr(plain, "_tokenroute")
 
 
@@ -153,9 +155,9 @@ def test_train_smoke(train, data_dir, tmp_path, backbone, extra):
                         "--ckpt-every", "2", "--keep-checkpoints", "0", *extra)
     check_run(out, summary, backbone, 3)
     assert (out / "samples" / "step_0000002.png").is_file()  # periodic grid
-    assert [p.name for p in common.checkpoint_dirs(out)] == ["step_0000002", "step_0000003"]
+    assert [p.name for p in training.checkpoint_dirs(out)] == ["step_0000002", "step_0000003"]
     assert summary["routes"] and summary["first_step_mask_checksums"][0] > 0
-    rank_state = torch.load(common.latest_checkpoint(out) / "rank0.pt", weights_only=False)
+    rank_state = torch.load(training.latest_checkpoint(out) / "rank0.pt", weights_only=False)
     assert rank_state["routing"]  # the routing generator's state, for an exact resume
 
 
@@ -163,7 +165,7 @@ def test_baseline_has_no_routing(train, data_dir, tmp_path):
     summary = run_train(train, data_dir, tmp_path, "--backbone", "dit", "--max-steps", "2")
     check_run(tmp_path, summary, "dit", 2)
     assert summary["routes"] == [] and summary["first_step_mask_checksums"] == [0]
-    assert {r["mask_checksum"] for r in common.read_loss_csv(tmp_path / "loss.csv")} == {"0"}
+    assert {r["mask_checksum"] for r in training.read_loss_csv(tmp_path / "loss.csv")} == {"0"}
 
 
 def test_resume_continues_exactly(train, data_dir, tmp_path):
@@ -174,23 +176,23 @@ def test_resume_continues_exactly(train, data_dir, tmp_path):
     resumed = run_train(train, data_dir, tmp_path / "resumed", *args, "--max-steps", "6", "--resume")
     assert resumed["start_step"] == 3 and resumed["steps"] == straight["steps"] == 6
 
-    a = common.read_loss_csv(tmp_path / "straight" / "loss.csv")
-    b = common.read_loss_csv(tmp_path / "resumed" / "loss.csv")
+    a = training.read_loss_csv(tmp_path / "straight" / "loss.csv")
+    b = training.read_loss_csv(tmp_path / "resumed" / "loss.csv")
     assert [r["step"] for r in b] == [str(s) for s in range(1, 7)]
     assert [r["mask_checksum"] for r in a] == [r["mask_checksum"] for r in b]  # the same routing masks
     assert len({r["mask_checksum"] for r in a}) == 6  # which change every step
     for ra, rb in zip(a, b):  # the same loss curve (bitwise on one CPU; float noise allowed)
         assert math.isclose(float(ra["loss"]), float(rb["loss"]), rel_tol=1e-6, abs_tol=1e-7)
     for name in ("model.safetensors", "ema.safetensors"):
-        wa = common.load_weights(tmp_path / "straight" / "checkpoints" / "step_0000006" / name)
-        wb = common.load_weights(tmp_path / "resumed" / "checkpoints" / "step_0000006" / name)
+        wa = training.load_weights(tmp_path / "straight" / "checkpoints" / "step_0000006" / name)
+        wb = training.load_weights(tmp_path / "resumed" / "checkpoints" / "step_0000006" / name)
         assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa), name
 
 
 def test_time_budget_stops_early(train, data_dir, tmp_path):
     summary = run_train(train, data_dir, tmp_path, "--backbone", "dit", "--max-steps", "1000", "--time-budget", "0")
     assert summary["stopped_by"] == "time_budget" and summary["steps"] == 1
-    assert common.latest_checkpoint(tmp_path).name == "step_0000001"
+    assert training.latest_checkpoint(tmp_path).name == "step_0000001"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -253,7 +255,7 @@ def test_two_processes_draw_different_masks(data_dir, tmp_path):
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 8
     first = summary["first_step_mask_checksums"]
     assert len(first) == 2 and first[0] != first[1] and min(first) > 0  # every rank routes its own tokens
-    assert sorted(p.name for p in common.latest_checkpoint(tmp_path).glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in training.latest_checkpoint(tmp_path).glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,19 +265,19 @@ def test_two_processes_draw_different_masks(data_dir, tmp_path):
 
 def test_diffusers_example_saves_a_loadable_transformer(data_dir, tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    example = common.load_example("diffusers_dit")
+    import diffusers_dit as example
     summary = example.main(["--routes", "1:2:0.5", "--max-steps", "3", "--batch-size", "4", "--num-layers", "4",
                             "--num-inference-steps", "2", "--samples-per-class", "1", "--guidance-routing",
                             "--data-dir", str(data_dir), "--output", str(tmp_path), "--quiet", "--no-download"])
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"]) and summary["routes"] == [[1, 2, 0.5]]
     for name in ("samples.png", "summary.json", "loss.csv", "loss.png", "scheduler/scheduler_config.json"):
         assert (tmp_path / name).is_file(), name
-    rows = common.read_loss_csv(tmp_path / "loss.csv")
+    rows = training.read_loss_csv(tmp_path / "loss.csv")
     assert len(rows) == 3 and all(int(r["mask_checksum"]) > 0 for r in rows)
 
     loaded = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "transformer")
     assert loaded.config.num_layers == 4 and loaded.config.in_channels == 1
-    saved = common.load_weights(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    saved = training.load_weights(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
     state = loaded.state_dict()
     assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
     loaded.eval()
@@ -285,8 +287,10 @@ def test_diffusers_example_saves_a_loadable_transformer(data_dir, tmp_path):
 
 
 def test_compare_routing(data_dir, tmp_path):
-    result = common.compare_routing("dit", "tiny", steps=2, batch_size=4, output=tmp_path, data_dir=data_dir,
-                                    sample_steps=2, samples_per_class=1, timing_rounds=2)
+    import demo
+
+    result = demo.compare_routing("dit", "tiny", steps=2, batch_size=4, output=tmp_path, data_dir=data_dir,
+                                  sample_steps=2, samples_per_class=1, timing_rounds=2)
     assert result["routes"] == [[1, 4, 0.5]] and result["steps"] == 2
     assert str(data_dir) in result["data"]
     for name in ("baseline", "routed"):
@@ -307,7 +311,7 @@ def test_masked_training_smoke(train, data_dir, tmp_path):
     summary = run_train(train, data_dir, tmp_path, "--backbone", "dit", "--max-steps", "4", "--mask", "0.5",
                         "--decoder", "2", "--loss-mode", "visible", "--unmask-steps", "2", "--sample-every", "0")
     assert (tmp_path / "samples.png").is_file() and summary["steps"] == 4
-    checksums = [int(r["mask_checksum"]) for r in common.read_loss_csv(tmp_path / "loss.csv")]
+    checksums = [int(r["mask_checksum"]) for r in training.read_loss_csv(tmp_path / "loss.csv")]
     assert len(checksums) == 4 and all(c > 0 for c in checksums[:2])
     with pytest.raises(SystemExit, match="does not fit"):
         run_train(train, data_dir, tmp_path / "bad", "--backbone", "dit", "--max-steps", "2", "--mask", "0.5",
@@ -317,7 +321,7 @@ def test_masked_training_smoke(train, data_dir, tmp_path):
 def test_checkpoint_loads_into_the_plain_backbone_and_samples(train, data_dir, tmp_path):
     run_train(train, data_dir, tmp_path, "--backbone", "uvit", "--routes", "tread", "--max-steps", "2",
               "--ckpt-every", "2", "--sample-every", "0")
-    loader = common.load_example("load_and_sample")
+    import load_and_sample as loader
     out = loader.main([str(tmp_path), "--output", str(tmp_path / "from_checkpoint.png")])
     assert out.is_file() and out.stat().st_size > 0
     with pytest.raises(SystemExit, match="no checkpoint"):

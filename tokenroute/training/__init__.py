@@ -1,0 +1,83 @@
+"""What the example scripts and benchmarks share for training the reference backbones on Fashion-MNIST.
+
+    from tokenroute.training import StepBatches, build_model, load_fashion_mnist, sample_images
+
+One module per concern: `data` (the idx files, a synthetic stand-in, per-step batches and noise), `presets`
+(backbone sizes, routes on a command line), `tasks` (objectives), `samplers`, `ema`, `checkpoints`, `logs`
+(loss log, plots, grids, JSON, progress) and `runs` (what a summary records). `import tokenroute` does not
+import this package. Beyond torch it uses numpy, matplotlib, safetensors and tqdm, each imported where it is
+needed (``pip install 'tokenroute[train]'``).
+"""
+
+from __future__ import annotations
+
+from .checkpoints import checkpoint_dirs, latest_checkpoint, load_weights, prune_checkpoints, save_weights
+from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLITS, DataError, StepBatches,
+                   load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, step_generator, to_model_range,
+                   write_idx, write_synthetic_fashion_mnist)
+from .ema import EMA
+from .logs import (LOSS_FIELDS, LossLog, Progress, image_grid, jsonable, mask_checksum, read_loss_csv, save_grid,
+                   save_loss_plot, write_json)
+from .presets import (BACKBONE_NAMES, PRESET_DEFAULTS, PRESET_NAMES, PRESETS, build_model, format_routes,
+                      model_config, parse_routes, stack_depth, tread_routes)
+from .runs import environment, mixed_precision, run_config, run_facts
+from .samplers import class_labels, edm_heun_sampler, flow_euler_sampler, sample_images, scheduler_sampler
+from .tasks import Task, drop_labels, mae_term, make_task
+
+__all__ = [
+    "BACKBONE_NAMES",
+    "CLASSES",
+    "DEFAULT_DATA_DIR",
+    "EMA",
+    "IMAGE_SIZE",
+    "LOSS_FIELDS",
+    "NUM_CLASSES",
+    "PAD",
+    "PRESETS",
+    "PRESET_DEFAULTS",
+    "PRESET_NAMES",
+    "SPLITS",
+    "DataError",
+    "LossLog",
+    "Progress",
+    "StepBatches",
+    "Task",
+    "build_model",
+    "checkpoint_dirs",
+    "class_labels",
+    "drop_labels",
+    "edm_heun_sampler",
+    "environment",
+    "flow_euler_sampler",
+    "format_routes",
+    "image_grid",
+    "jsonable",
+    "latest_checkpoint",
+    "load_fashion_mnist",
+    "load_weights",
+    "locate_fashion_mnist",
+    "mae_term",
+    "make_task",
+    "mask_checksum",
+    "mixed_precision",
+    "model_config",
+    "pad_images",
+    "parse_routes",
+    "prune_checkpoints",
+    "read_idx",
+    "read_loss_csv",
+    "run_config",
+    "run_facts",
+    "sample_images",
+    "save_grid",
+    "save_loss_plot",
+    "save_weights",
+    "scheduler_sampler",
+    "stack_depth",
+    "step_generator",
+    "to_model_range",
+    "tread_routes",
+    "write_idx",
+    "write_json",
+    "write_synthetic_fashion_mnist",
+]
