@@ -19,7 +19,6 @@ from tokenroute.models import (
     UViT,
     UViTBlock,
     build_backbone,
-    dit_forward_handrouted,
     get_2d_sincos_pos_embed,
     patchify,
     selective_scan,
@@ -27,6 +26,8 @@ from tokenroute.models import (
     unpatchify,
 )
 from tokenroute.models.layers import PatchEmbed, TimestepEmbedder
+
+from handwritten import dit_forward_handrouted
 
 FAMILIES = {"dit": DiT, "uvit": UViT, "mamba": DiffusionMamba}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .dit import DIT_PRESETS, DiT, DiTBlock, dit_forward_handrouted
+from .dit import DIT_PRESETS, DiT, DiTBlock
 from .layers import get_2d_sincos_pos_embed, patchify, unpatchify
 from .mamba import MAMBA_PRESETS, DiffusionMamba, MambaBlock, MambaMixer, selective_scan, selective_scan_ref
 from .uvit import UVIT_PRESETS, UViT, UViTBlock
@@ -27,7 +27,6 @@ __all__ = [
     "UViT",
     "UViTBlock",
     "build_backbone",
-    "dit_forward_handrouted",
     "get_2d_sincos_pos_embed",
     "patchify",
     "selective_scan",

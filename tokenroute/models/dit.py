@@ -6,7 +6,7 @@ Parameter names follow the reference implementation, so its checkpoints load wit
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ from .layers import (
     unpatchify,
 )
 
-__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "FinalLayer", "dit_forward_handrouted"]
+__all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "FinalLayer"]
 
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
@@ -148,39 +148,3 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         return self.head(x, c)
-
-
-def dit_forward_handrouted(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                           routes: Sequence[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
-    """``DiT.forward`` with TREAD routing written out by hand: the reference the splice is checked against.
-
-    Each route ``(start, end, keep_idx)`` (``keep_idx``: (B, K) long, kept token indices sorted ascending)
-    gathers the kept tokens before block ``start``, runs blocks ``start..end`` (inclusive) on them only,
-    and scatters them back into the full sequence after block ``end``; the other tokens skip those blocks
-    unchanged. Routes must not overlap.
-    """
-    depth = len(model.blocks)
-    by_start: dict[int, tuple[int, torch.Tensor]] = {}
-    last_end = -1
-    for start, end, keep_idx in sorted(routes, key=lambda r: r[0]):
-        if not 0 <= start <= end < depth:
-            raise ValueError(f"route ({start}, {end}) is out of range for {depth} blocks")
-        if start <= last_end:
-            raise ValueError(f"route ({start}, {end}) overlaps the previous route ending at block {last_end}")
-        by_start[start] = (end, keep_idx)
-        last_end = end
-
-    x, c = model.embed(x, t, y)
-    d = x.shape[-1]
-    x_full, idx, route_end = None, None, -1
-    for i, block in enumerate(model.blocks):
-        if i in by_start:
-            route_end, keep_idx = by_start[i]
-            idx = keep_idx[..., None].expand(-1, -1, d)
-            x_full = x
-            x = x.gather(1, idx)
-        x = block(x, c)
-        if i == route_end:
-            x = x_full.scatter(1, idx, x.to(x_full.dtype))
-            x_full, idx, route_end = None, None, -1
-    return model.head(x, c)
