@@ -219,6 +219,7 @@ def test_bad_arguments_exit_before_any_work(train, data_dir, tmp_path, capsys, a
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_cli_exit_code_and_message(data_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--backbone", "dit", "--routes", "2:30:0.5",
                            "--data-dir", str(data_dir), "--output", str(tmp_path)], capture_output=True, text=True,
@@ -227,6 +228,7 @@ def test_cli_exit_code_and_message(data_dir, tmp_path):
     assert "out of range" in proc.stderr and "6 blocks" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"Fashion-MNIST is not installed in {REAL_DATA}")
 def test_cli_trains_on_real_fashion_mnist(tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--backbone", "dit", "--routes", "1:4:0.5",
@@ -239,6 +241,7 @@ def test_cli_trains_on_real_fashion_mnist(tmp_path):
     assert "done: 2 steps" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable) + os.pathsep
                                  + os.environ.get("PATH", "")) is None, reason="the accelerate launcher is not installed")
 def test_two_processes_draw_different_masks(data_dir, tmp_path):
