@@ -79,3 +79,17 @@ def stack_depth(model: nn.Module) -> int:
 
 def twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def zero_branch_outputs(block: nn.Module) -> list:
+    """Forward hooks that zero every known branch output of ``block`` (see tokenroute.block_branches)."""
+    import tokenroute
+
+    handles = []
+    for branch in tokenroute.block_branches(block):
+        def zero(module, args, out, index=branch.output):
+            if index is None:
+                return torch.zeros_like(out)
+            return tuple(torch.zeros_like(o) if k == index else o for k, o in enumerate(out))
+        handles.append(block.get_submodule(branch.path).register_forward_hook(zero))
+    return handles

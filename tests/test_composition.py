@@ -19,7 +19,7 @@ from tokenroute import RouteError
 from tokenroute.core import Patch, PatchRegistry, Stage, find_stack
 from tokenroute.core.tokens import gather_tokens
 
-from helpers import ToyTransformer, backbone_inputs, make_backbone, randomize
+from helpers import ToyTransformer, backbone_inputs, make_backbone, randomize, zero_branch_outputs
 
 BACKBONES = ["dit", "uvit", "mamba"]
 MODELS = {name: make_backbone(name, depth=6) for name in BACKBONES}  # built once; every test leaves them as found
@@ -335,17 +335,6 @@ def test_the_graph_cache_is_keyed_by_value_and_bounded():
 
 
 # ----------------------------------------------------------------------------------------------
-def _zero_branches(block: nn.Module):
-    handles = []
-    for branch in tokenroute.block_branches(block):
-        def zero(module, args, out, index=branch.output):
-            if index is None:
-                return torch.zeros_like(out)
-            return tuple(torch.zeros_like(o) if k == index else o for k, o in enumerate(out))
-        handles.append(block.get_submodule(branch.path).register_forward_hook(zero))
-    return handles
-
-
 @pytest.mark.parametrize("name, kinds", [("dit", ["attention", "mlp"]), ("uvit", ["attention", "mlp"]),
                                          ("mamba", [])])
 def test_branch_outputs_stand_before_their_gates(name, kinds):
@@ -357,7 +346,7 @@ def test_branch_outputs_stand_before_their_gates(name, kinds):
         return
     x = torch.randn(2, 5, 16)
     args = (x, torch.randn(2, 16)) if name == "dit" else (x,)
-    handles = _zero_branches(block)
+    handles = zero_branch_outputs(block)
     try:
         assert torch.equal(block(*args), x)
     finally:

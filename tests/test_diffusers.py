@@ -162,3 +162,39 @@ def test_torch_compile_routes_like_eager():
     compiled = torch.compile(compiled_model, backend="aot_eager")
     torch.testing.assert_close(compiled(*inputs), eager(*inputs), rtol=1e-5, atol=1e-5)
     assert torch.equal(tokenroute.routing_masks(compiled_model)[0], tokenroute.routing_masks(eager)[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_branch_outputs_stand_before_their_gates(name):
+    """Every block whose branches are known adds nothing to its image stream once the outputs the facts
+    point at are zeroed: they are the block's whole residual contribution, before gates and projections."""
+    from helpers import zero_branch_outputs
+
+    model, inputs = build(name)
+    seen = {}
+    stack = tokenroute.core.find_stack(model)
+    handles = [block.register_forward_pre_hook(lambda m, a, kw, p=path: seen.__setitem__(p, (a, kw)), with_kwargs=True)
+               for path, block in zip(stack.paths, stack.blocks)]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    checked = 0
+    for path, block, spec in zip(stack.paths, stack.blocks, stack.specs):
+        if not tokenroute.block_branches(block):
+            assert type(block).__name__ == "FluxSingleTransformerBlock"  # parallel branches, gated together
+            continue
+        args, kwargs = seen[path]
+        stream = kwargs.get(spec.stream, args[0] if args else None)
+        handles = zero_branch_outputs(block)
+        with torch.no_grad():
+            out = block(*args, **kwargs)
+        for handle in handles:
+            handle.remove()
+        out = out if spec.stream_output is None else out[spec.stream_output]
+        assert torch.equal(out, stream), path
+        checked += 1
+        with torch.no_grad():
+            full = block(*args, **kwargs)
+        assert not torch.equal(full if spec.stream_output is None else full[spec.stream_output], stream)
+    assert checked >= 2

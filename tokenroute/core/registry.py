@@ -25,9 +25,10 @@ class Branch:
     Feature caching reuses these values across sampling steps; local attention replaces the attention.
     """
 
-    kind: str  # "attention" or "mlp"
+    kind: str  # "attention", "cross_attention" or "mlp"
     path: str
     output: int | None = None
+    optional: bool = False  # absent (or None) in some configurations of the block class
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,12 @@ _ATTENTION_NAMES = ("attn", "attn1", "self_attn", "attention")
 _MLP_NAMES = ("mlp", "ff", "feed_forward", "ffn")
 
 _JOINT = dict(stream="hidden_states", stream_output=1, table_args=_TABLES, context_args=_CONTEXT)
-_JOINT_BRANCHES = (Branch("attention", "attn", output=0), Branch("mlp", "ff"))
+_JOINT_BRANCHES = (Branch("attention", "attn", output=0), Branch("attention", "attn2", optional=True),
+                   Branch("mlp", "ff"))
 BLOCK_REGISTRY: dict[str, BlockSpec] = {
     # diffusers
-    "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT,
-                                       branches=(Branch("attention", "attn1"), Branch("mlp", "ff"))),
+    "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT, branches=(
+        Branch("attention", "attn1"), Branch("cross_attention", "attn2", optional=True), Branch("mlp", "ff"))),
     "PixArtTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
     "JointTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
     "FluxTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
@@ -120,14 +122,19 @@ def block_branches(block: nn.Module, spec: BlockSpec | None = None) -> tuple[Bra
     which case methods treat the block as a whole (its residual). Registered paths are checked."""
     spec = spec or spec_for(block)
     if spec.branches is not None:
+        found = []
         for branch in spec.branches:
             try:
-                block.get_submodule(branch.path)
+                present = isinstance(block.get_submodule(branch.path), nn.Module)
             except AttributeError:
+                present = False
+            if present:
+                found.append(branch)
+            elif not branch.optional:
                 raise RouteError(
                     f"{type(block).__name__} is registered with a {branch.kind} branch at {branch.path!r}, but it "
-                    f"has no such submodule; fix the BlockSpec's branches in tokenroute.register_block") from None
-        return spec.branches
+                    f"has no such submodule; fix the BlockSpec's branches in tokenroute.register_block")
+        return tuple(found)
     children = dict(block.named_children())
     attention = next((n for n in _ATTENTION_NAMES if n in children), None)
     mlp = next((n for n in _MLP_NAMES if n in children), None)

@@ -26,14 +26,14 @@ class RoutingGenerator:
 
     def __init__(self, seed: int | None = None, stream: str = ""):
         self.seed = seed
-        self.stream = stream
+        self.salt = zlib.crc32(stream.encode()) if stream else 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def base_seed(self) -> int:
         seed = torch.initial_seed() if self.seed is None else self.seed
-        salt = zlib.crc32(self.stream.encode()) if self.stream else 0
-        return (seed + self.RANK_STRIDE * distributed_rank() + salt) % (2**63)
+        return (seed + self.RANK_STRIDE * distributed_rank() + self.salt) % (2**63)
 
+    @torch.compiler.disable  # made once per device, outside any compiled graph
     def get(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
         if generator is None:
