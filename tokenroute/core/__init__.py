@@ -1,17 +1,18 @@
 """The shared machinery: find the block stack, plan the segments every method adds, splice them in, undo it.
 
-Flow: ``stack`` (the blocks and their facts, ``registry``) -> ``boundary.Plan`` (segments and stages from the
-applied ``patches``) -> ``splice`` (``graph_splice`` or ``hook_splice``) carrying out ``operations`` at
-each boundary.
+Flow: ``stack`` finds the blocks (``blocks``: per-block facts) -> ``plan`` merges the segments and stages of
+every applied method (``patches``; a segment is a ``route`` and a token operation, ``operations``) ->
+``splice`` carries the plan out at each forward (``splice.graph`` or ``splice.hooks``, both through
+``splice.boundaries``).
 """
 
-from .boundary import Plan, Segment, Stage
 from .control import (is_wrapped, load_routing_state_dict, routing, routing_masks, routing_state_dict,
                       set_ratio)
 from .explain import explain
 from .operations import MaskTokens, SkipTokens, TokenOperation
+from .plan import Plan, Segment, Stage
 from .patches import Patch, PatchRegistry, SpliceOptions, apply_patch, remove_patch, reset_state
-from .registry import BLOCK_REGISTRY, BlockSpec, Branch, block_branches, register_block
+from .blocks import BLOCK_REGISTRY, BlockSpec, Branch, block_branches, register_block
 from .route import Route, RouteError
 from .stack import BlockStack, find_stack
 

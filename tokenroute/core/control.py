@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .boundary import Boundaries
 from .patches import PatchRegistry, registry_of
 from .route import RouteError
+from .splice.boundaries import Boundaries
 
 
 def _boundaries(model: nn.Module) -> Boundaries:

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
-from .boundary import Plan, Segment, Stage
+from .plan import Plan, Segment, Stage
 from .route import RouteError
 from .selection import RoutingGenerator
 from .splice import MECHANISMS, OriginalForward, Splice

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from .registry import BlockSpec, spec_for
+from .blocks import BlockSpec, spec_for
 from .route import RouteError
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.boundary import Segment, Stage
+from ..core.plan import Segment, Stage
 from ..core.operations import MaskTokens
 from ..core.patches import Patch, PatchRegistry, SpliceOptions, remove_patch
 from ..core.route import Route, RouteError, check_ratio

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.boundary import Segment
+from ..core.plan import Segment
 from ..core.operations import SkipTokens
 from ..core.patches import Patch, PatchRegistry, SpliceOptions, remove_patch
 from ..core.route import RouteError, normalize_routes

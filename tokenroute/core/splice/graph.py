@@ -18,10 +18,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .boundary import Boundaries
-from .registry import BlockSpec, bind_arguments
-from .route import RouteError
-from .stack import BlockStack
+from ..blocks import BlockSpec, bind_arguments
+from ..route import RouteError
+from ..stack import BlockStack
+from .boundaries import Boundaries
 from .tracer import ConcreteTracer
 
 ROOT = "owner"

@@ -1,66 +1,21 @@
-"""The splice plan and what happens at its boundaries, shared by the graph splice and the module-level splice.
+"""What happens at a plan's boundaries, shared by the graph splice and the module-level splice.
 
-A plan is what every applied method contributes to the block stack: segments (a route and the token
-operation it applies) and stages (a module run on the stream after a block, e.g. an added decoder).
-``Boundaries`` carries out the plan for one forward at a time: at a segment's start it begins the operation
+``Boundaries`` carries out a plan for one forward at a time: at a segment's start it begins the operation
 and passes every value entering the segment through it; at its end every routed value leaving goes back
 through it; after a stage's block it runs the stage. Both mechanisms call these and nothing else, so a
-boundary behaviour is written once.
+boundary behaviour is written once; they differ only in how they find which values cross.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.nn as nn
 
-from .operations import TokenOperation
-from .route import Route, RouteError, check_ratio
-
-
-@dataclass
-class Segment:
-    """A route of the stack and the token operation it applies; ``method`` names the patch it came from."""
-
-    route: Route
-    operation: TokenOperation
-    method: str
-
-
-@dataclass
-class Stage:
-    """A module run on the stream right after block ``after`` (and after a route ending there), called with
-    that block's other arguments as they were before any route reduced them. ``needed_in_eval``: eval
-    forwards run the splice too (with nothing dropped) so the stage runs."""
-
-    after: int
-    module: nn.Module
-    method: str
-    needed_in_eval: bool = True
-
-
-@dataclass
-class Plan:
-    """Every segment and stage on the stack, in block order; the prefix tokens no segment routes."""
-
-    segments: list[Segment] = field(default_factory=list)
-    stages: list[Stage] = field(default_factory=list)
-    prefix_tokens: int = 0
-
-    @property
-    def routes(self) -> list[Route]:
-        return [s.route for s in self.segments]
-
-    @property
-    def needed_in_eval(self) -> bool:
-        return any(stage.needed_in_eval for stage in self.stages)
-
-    def route_of(self) -> dict[int, int]:
-        """Block position -> index of the segment containing it."""
-        return {b: i for i, s in enumerate(self.segments) for b in range(s.route.start, s.route.end + 1)}
+from ..plan import Plan
+from ..route import RouteError, check_ratio
 
 
 @dataclass

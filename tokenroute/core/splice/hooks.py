@@ -12,9 +12,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from .boundary import Boundaries
-from .registry import bind_arguments, forward_parameters
-from .stack import BlockStack
+from ..blocks import bind_arguments, forward_parameters
+from ..stack import BlockStack
+from .boundaries import Boundaries
 
 
 class HookSplice:

@@ -1,5 +1,6 @@
-"""The owner's forward while segments or stages are applied: one traced graph per input signature (a
-bounded cache), or module hooks where the forward cannot be traced, both carrying out one ``Boundaries``."""
+"""Splice a plan into the block stack. While segments or stages are applied, the owner's forward runs one
+traced graph per input signature (``graph``, kept in a bounded cache), or the original forward with hooks
+on the blocks where it cannot be traced (``hooks``); both carry out the plan through one ``Boundaries``."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
-from . import graph_splice
-from .boundary import Boundaries, Plan
-from .hook_splice import HookSplice
-from .route import RouteError
-from .stack import BlockStack
+from ..plan import Plan
+from ..route import RouteError
+from ..stack import BlockStack
+from . import graph
+from .boundaries import Boundaries
+from .hooks import HookSplice
 
 MECHANISMS = ("auto", "fx", "hooks")
 
@@ -66,7 +68,7 @@ class _ByValue:
 
 def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[tuple, list[Any], list[torch.Tensor], Any]:
     """A call's signature: grad/autocast modes, structure, tensor metadata and constant values (by value,
-    hashable or not). Returns the key, the constant leaves (``graph_splice.TENSOR`` where tensors go),
+    hashable or not). Returns the key, the constant leaves (``graph.TENSOR`` where tensors go),
     the tensor leaves and the structure."""
     leaves, spec = tree_flatten((args, kwargs))
     key: list[Any] = [training, torch.is_grad_enabled(), torch.is_autocast_enabled(), spec]
@@ -74,7 +76,7 @@ def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[tuple, lis
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             tensors.append(leaf)
-            constants.append(graph_splice.TENSOR)
+            constants.append(graph.TENSOR)
             key.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
         else:
             constants.append(leaf)
@@ -91,17 +93,17 @@ class SignatureCache:
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
-        self.graphs: OrderedDict[tuple, graph_splice.TracedForward] = OrderedDict()
+        self.graphs: OrderedDict[tuple, graph.TracedForward] = OrderedDict()
         self.traces = 0  # graphs traced in all
         self.evictions = 0
 
-    def get(self, key: tuple) -> graph_splice.TracedForward | None:
+    def get(self, key: tuple) -> graph.TracedForward | None:
         traced = self.graphs.get(key)
         if traced is not None:
             self.graphs.move_to_end(key)
         return traced
 
-    def put(self, key: tuple, traced: graph_splice.TracedForward) -> bool:
+    def put(self, key: tuple, traced: graph.TracedForward) -> bool:
         """Store a new graph; True when an older one had to go."""
         self.traces += 1
         self.graphs[key] = traced
@@ -187,7 +189,7 @@ class Splice:
 
     @torch.compiler.disable
     def _trace(self, key: tuple, args: tuple, kwargs: dict, constants: list[Any], tensors: list[torch.Tensor],
-               spec: Any) -> graph_splice.TracedForward | None:
+               spec: Any) -> graph.TracedForward | None:
         function = self.original.function
         if function is None:
             raise RouteError("the owner's forward is not a method; apply tokenroute before patching forward")
@@ -196,7 +198,7 @@ class Splice:
             # the trace runs the forward once, in the caller's grad mode (the forward may branch on it);
             # leave the caller's random streams as they were
             with torch.random.fork_rng(devices=cuda):
-                traced = graph_splice.trace(self.stack, function, self.boundaries, args, kwargs, constants, tensors,
+                traced = graph.trace(self.stack, function, self.boundaries, args, kwargs, constants, tensors,
                                             spec)
         except RouteError:
             raise

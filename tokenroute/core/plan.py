@@ -1,0 +1,56 @@
+"""The plan: what every applied method contributes to the block stack, merged in block order.
+
+Segments are routes of the stack with the token operation each applies (``operations``); stages are modules
+run on the stream after a block (an added decoder). ``splice`` carries a plan out, one forward at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .operations import TokenOperation
+from .route import Route
+
+
+@dataclass
+class Segment:
+    """A route of the stack and the token operation it applies; ``method`` names the patch it came from."""
+
+    route: Route
+    operation: TokenOperation
+    method: str
+
+
+@dataclass
+class Stage:
+    """A module run on the stream right after block ``after`` (and after a route ending there), called with
+    that block's other arguments as they were before any route reduced them. ``needed_in_eval``: eval
+    forwards run the splice too (with nothing dropped) so the stage runs."""
+
+    after: int
+    module: nn.Module
+    method: str
+    needed_in_eval: bool = True
+
+
+@dataclass
+class Plan:
+    """Every segment and stage on the stack, in block order; the prefix tokens no segment routes."""
+
+    segments: list[Segment] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    prefix_tokens: int = 0
+
+    @property
+    def routes(self) -> list[Route]:
+        return [s.route for s in self.segments]
+
+    @property
+    def needed_in_eval(self) -> bool:
+        return any(stage.needed_in_eval for stage in self.stages)
+
+    def route_of(self) -> dict[int, int]:
+        """Block position -> index of the segment containing it."""
+        return {b: i for i, s in enumerate(self.segments) for b in range(s.route.start, s.route.end + 1)}
