@@ -249,6 +249,7 @@ def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: 
     with graph.inserting_after(end):
         for k, (node, flag) in enumerate(zip(leaving, flags)):
             got = graph.call_function(operator.getitem, (end, k))
+            got.meta["label"] = describe(node)  # the same value, back at full length where it was routed
             for user in list(node.users):
                 if user not in inside and user is not end:
                     user.replace_input_with(node, got)
