@@ -107,7 +107,7 @@ class DropTokens(TokenOperation):
         protect = self.protect(routable) if callable(self.protect) else self.protect
         if protect is not None:
             protect = check_protect(protect, batch, num_tokens, num_keep)
-        keep = draw_keep(routable, num_keep, self.generator.get(stream.device), shared=shared, protect=protect,
+        keep = draw_keep(routable, num_keep, self.generator, shared=shared, protect=protect,
                          selector=route.selector)
         return DropRun(keep, with_prefix(keep, prefix), self.returns(stream), batch, length, prefix + num_keep,
                        num_tokens)

@@ -33,7 +33,6 @@ class RoutingGenerator:
         seed = torch.initial_seed() if self.seed is None else self.seed
         return (seed + self.RANK_STRIDE * distributed_rank() + self.salt) % (2**63)
 
-    @torch.compiler.disable  # made once per device, outside any compiled graph
     def get(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
         if generator is None:
@@ -54,7 +53,7 @@ class RoutingGenerator:
 def draw_keep(
     tokens: torch.Tensor,
     num_keep: int,
-    generator: torch.Generator,
+    generator: RoutingGenerator,
     *,
     shared: bool = False,
     protect: torch.Tensor | None = None,
@@ -68,7 +67,7 @@ def draw_keep(
     """
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
     if selector is not None:
-        keep = _from_selector(selector(tokens, num_keep, generator), batch, num_tokens, num_keep)
+        keep = _from_selector(selector(tokens, num_keep, generator.get(tokens.device)), batch, num_tokens, num_keep)
         _check_selection(keep, selector, shared=shared, protect=protect)
     else:
         rows = 1 if shared else batch
@@ -82,10 +81,10 @@ def draw_keep(
 
 
 @torch.compiler.disable
-def _uniform(rows: int, num_tokens: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """Random scores from the routing generator. torch.compile cannot trace a Generator argument: this one
-    call runs eagerly (a single deliberate graph break) and the rest of the route compiles."""
-    return torch.rand(rows, num_tokens, device=device, generator=generator)
+def _uniform(rows: int, num_tokens: int, device: torch.device, generator: RoutingGenerator) -> torch.Tensor:
+    """Random scores from the routing generator. torch.compile cannot trace a Generator (nor make one): this
+    one call runs eagerly (a single deliberate graph break) and the rest of the route compiles."""
+    return torch.rand(rows, num_tokens, device=device, generator=generator.get(device))
 
 
 def _check_selection(keep: torch.Tensor, selector: Selector, *, shared: bool, protect: torch.Tensor | None) -> None:

@@ -97,6 +97,10 @@ class SignatureCache:
         self.traces = 0  # graphs traced in all
         self.evictions = 0
 
+    def __deepcopy__(self, memo: dict) -> SignatureCache:
+        """A deep copy of the model (an EMA twin) starts with no graphs and traces its own on first use."""
+        return SignatureCache(self.capacity)
+
     def get(self, key: tuple) -> graph.TracedForward | None:
         traced = self.graphs.get(key)
         if traced is not None:
