@@ -74,6 +74,10 @@ class TokenOperation:
         """(B, N) bool, True where a token was left out of the route; None when the operation drops none."""
         return None
 
+    def release(self, run: Any) -> Any:
+        """What of ``run`` outlives the forward (for ``mask``): nothing that pins the forward's activations."""
+        return run
+
 
 class DropTokens(TokenOperation):
     """Run the route on a subset of the tokens, chosen per sample; what the others return as is ``returns``.
@@ -145,6 +149,9 @@ class DropTokens(TokenOperation):
 
     def mask(self, run: DropRun) -> torch.Tensor:
         return run.mask()
+
+    def release(self, run: DropRun) -> DropRun:
+        return run.released()
 
 
 class SkipTokens(DropTokens):

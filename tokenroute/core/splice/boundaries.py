@@ -33,8 +33,7 @@ class Boundaries:
         self.plan = plan
         self.overrides = Overrides()
         self.runs: list[Any] = [None] * len(plan.segments)
-        self.routing = False  # this forward drops tokens
-        self.routed_last_forward = False
+        self.routing = False  # this (or the last) forward drops tokens
 
     # -- per forward ---------------------------------------------------------------------------------------
     def active(self, training: bool) -> bool:
@@ -42,11 +41,12 @@ class Boundaries:
 
     def begin_forward(self, routing: bool) -> None:
         self.runs = [None] * len(self.plan.segments)
-        self.routing = self.routed_last_forward = routing
+        self.routing = routing
 
     def end_forward(self) -> None:
         """Keep only what ``masks`` needs, not the route-start tensors."""
-        self.runs = [getattr(run, "released", lambda: run)() if run is not None else None for run in self.runs]
+        self.runs = [None if run is None else segment.operation.release(run)
+                     for segment, run in zip(self.plan.segments, self.runs)]
 
     def ratio(self, i: int) -> float:
         if not self.routing:
@@ -81,7 +81,7 @@ class Boundaries:
     def masks(self, method: str | None = None) -> list[torch.Tensor]:
         """(B, N) per segment (of ``method``, or all), True where the token skipped it; [] when the last
         forward did not route."""
-        if not self.routed_last_forward or any(run is None for run in self.runs):
+        if not self.routing or any(run is None for run in self.runs):
             return []
         out = []
         for segment, run in zip(self.plan.segments, self.runs):
