@@ -3,8 +3,9 @@
     from tokenroute.training import StepBatches, build_model, load_fashion_mnist, sample_images
 
 One module per concern: `data` (the idx files, a synthetic stand-in, per-step batches and noise), `presets`
-(backbone sizes, routes on a command line), `tasks` (objectives), `samplers`, `ema`, `checkpoints`, `logs`
-(loss log, plots, grids, JSON, progress) and `runs` (what a summary records). `import tokenroute` does not
+(backbone sizes, routes on a command line), `tasks` (objectives), `samplers` (sampling loops), `samples`
+(class-conditional sample grids from a model), `ema`, `checkpoints`, `logs` (loss log, plots, image grids,
+JSON, progress) and `runs` (what a summary records). `import tokenroute` does not
 import this package. Beyond torch it uses numpy, matplotlib, safetensors and tqdm, each imported where it is
 needed (``pip install 'tokenroute[train]'``).
 """
@@ -21,7 +22,8 @@ from .logs import (LOSS_FIELDS, LossLog, Progress, image_grid, jsonable, mask_ch
 from .presets import (BACKBONE_NAMES, PRESET_DEFAULTS, PRESET_NAMES, PRESETS, build_model, format_routes,
                       model_config, parse_routes, stack_depth, tread_routes)
 from .runs import environment, mixed_precision, run_config, run_facts
-from .samplers import class_labels, edm_heun_sampler, flow_euler_sampler, sample_images, scheduler_sampler
+from .samplers import edm_heun_sampler, flow_euler_sampler, scheduler_sampler
+from .samples import class_labels, sample_images
 from .tasks import Task, drop_labels, mae_term, make_task
 
 __all__ = [
