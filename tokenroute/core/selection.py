@@ -61,9 +61,11 @@ def draw_keep(
 ) -> torch.Tensor:
     """Indices (B, K) of the tokens to keep, ascending so kept tokens stay in their original order.
 
-    ``tokens``: the routable tokens (B, N, ...). ``shared``: one draw for the whole batch (needed when a
-    batch-free table such as a rotary embedding must be gathered with the tokens). ``protect``: bool
-    (N,) or (B, N), True for tokens that must never be routed. Runs on the tokens' device, no sync.
+    ``tokens``: the routable tokens (B, N, ...). ``generator``: the method's, drawn from on the tokens'
+    device. ``shared``: one draw for the whole batch (needed when a batch-free table such as a rotary
+    embedding must be gathered with the tokens). ``protect``: bool (N,) or (B, N), True for tokens that
+    must never be routed. Runs on the tokens' device, no sync; a custom ``selector``'s result is checked
+    against ``shared`` and ``protect`` (one sync) and refused where it breaks them.
     """
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
     if selector is not None:

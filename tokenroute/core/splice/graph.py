@@ -1,10 +1,11 @@
-"""Route by rewriting the owner's forward graph: trace it once per input signature (blocks as leaves)
-and splice a route-start node before each route's first block and a route-end node after its last.
+"""Splice by rewriting the owner's forward graph: trace it once per input signature (blocks as leaves),
+put a route-start node before each segment's first block, a route-end node after its last, and a stage
+node after a stage's block.
 
-Dataflow decides what crosses a boundary: every value made before the route and used inside it enters
-through the start node (token-aligned ones are gathered), every value made inside and used after it
-leaves through the end node (routed ones are scattered back). That covers U-ViT's long skips, rotary
-tables and masks as well as the main hidden state.
+Dataflow decides what crosses a boundary: every value made before the segment and used inside it enters
+through the start node (token-aligned ones are reduced by the segment's operation), every value made inside
+and used after it leaves through the end node (routed ones are restored). That covers U-ViT's long skips,
+rotary tables and masks as well as the main hidden state.
 """
 
 from __future__ import annotations
