@@ -6,8 +6,14 @@ import copy
 
 import torch
 import torch.nn as nn
+from hypothesis import settings
 
 from tokenroute.models import DiT, DiffusionMamba, UViT
+
+
+# Property tests whose every example wraps a fresh model and traces it (on fake tensors, a fraction of a
+# second each): half the profile's examples, so the suite stays fast as it grows.
+traced_examples = settings(max_examples=max(1, settings.default.max_examples // 2))
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

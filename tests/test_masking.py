@@ -15,7 +15,7 @@ from tokenroute.core import find_stack
 from tokenroute.core.tokens import gather_tokens
 from tokenroute.models import DiTBlock
 
-from helpers import backbone_inputs, make_backbone
+from helpers import backbone_inputs, make_backbone, traced_examples
 
 BACKBONES = ["dit", "uvit", "mamba"]
 
@@ -49,6 +49,7 @@ def narrow(depth):
 
 
 @pytest.mark.parametrize("name, own_width", [("dit", False), ("mamba", False), ("dit", True)])
+@traced_examples
 @given(seed=st.integers(0, 2**16), depth=st.integers(1, 2))
 def test_eval_with_added_decoder_is_backbone_then_decoder(name, own_width, seed, depth):
     model = make_backbone(name, depth=4)
@@ -63,6 +64,7 @@ def test_eval_with_added_decoder_is_backbone_then_decoder(name, own_width, seed,
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(ratio=st.sampled_from([0.25, 0.5, 0.75]), k=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_encoder_sees_visible_tokens_and_mask_token_fills_dropped(name, ratio, k, seed):
     model = make_backbone(name, depth=5)

@@ -14,7 +14,7 @@ import tokenroute
 from tokenroute.core.tokens import gather_tokens
 from handwritten import dit_forward_handrouted
 
-from helpers import ToyTransformer, backbone_inputs, make_backbone, randomize
+from helpers import ToyTransformer, backbone_inputs, make_backbone, randomize, traced_examples
 
 BACKBONES = ["dit", "uvit", "mamba"]
 
@@ -47,6 +47,7 @@ def test_eval_is_bitwise_unwrapped(name, data, batch, seed):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_ratio_zero_training_is_bitwise_unwrapped(name, data, batch, seed):
     model = make_backbone(name, depth=5)
@@ -59,6 +60,7 @@ def test_ratio_zero_training_is_bitwise_unwrapped(name, data, batch, seed):
     assert len(masks) == len(routes) and not any(m.any() for m in masks)
 
 
+@traced_examples
 @given(data=st.data(), batch=st.integers(1, 3), size=st.sampled_from([4, 6, 8]), seed=st.integers(0, 2**16))
 def test_dit_matches_handwritten_tread(data, batch, size, seed):
     """The splice computes exactly what TREAD's hand-written loop computes with the same kept tokens."""
@@ -78,6 +80,7 @@ def test_dit_matches_handwritten_tread(data, batch, size, seed):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_skipped_tokens_leave_with_route_start_values(name, data, batch, seed):
     """Capture the stream entering and leaving one route: skipped tokens come back unchanged, kept
@@ -108,6 +111,7 @@ def test_skipped_tokens_leave_with_route_start_values(name, data, batch, seed):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_graph_splice_equals_hook_splice(name, data, seed):
     """The two mechanisms are independent implementations of one semantics: same seed, same output."""
@@ -124,6 +128,7 @@ def test_graph_splice_equals_hook_splice(name, data, seed):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_gradients_reach_every_trained_parameter(name, data, seed):
     model = make_backbone(name, depth=5)
@@ -138,6 +143,7 @@ def test_gradients_reach_every_trained_parameter(name, data, seed):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_same_seed_same_masks(name, data, seed):
     routes = data.draw(routes_for(5))
@@ -165,6 +171,7 @@ def test_masks_change_between_steps_and_seeds():
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+@traced_examples
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_unwrap_restores_bitwise(name, data, seed):
     model = make_backbone(name, depth=5)
@@ -187,6 +194,7 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
+@traced_examples
 @given(data=st.data(), batch=st.integers(1, 3))
 def test_flops_fall_as_the_routes_imply(data, batch):
     """A routed forward costs what the hand-written loop on the kept tokens costs, and less than the
@@ -208,6 +216,19 @@ def test_flops_fall_as_the_routes_imply(data, batch):
                                - _flops(lambda: block(torch.randn(batch, n - int(n * r), dim), c)))
                 for s, e, r in routes)
     assert full - routed == saved
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_the_first_routed_step_costs_what_later_ones_cost(name):
+    """Tracing runs on fake tensors: the first routed forward and backward (which trace the graph) count the
+    same FLOPs as every later one, and no more than the FLOPs of the routed graph itself."""
+    model = tokenroute.wrap(make_backbone(name, depth=5), [(1, 3, 0.5)], seed=0)
+    inputs = backbone_inputs(2)
+    first = _flops(lambda: run(model, inputs).square().mean().backward())
+    later = _flops(lambda: run(model, inputs).square().mean().backward())
+    assert first == later
+    tokenroute.unwrap(model)
+    assert first < _flops(lambda: run(model, inputs).square().mean().backward())
 
 
 # ----------------------------------------------------------------------------------------------

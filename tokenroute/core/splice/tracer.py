@@ -1,13 +1,16 @@
-"""A torch.fx tracer that runs the model alongside the trace, so every Proxy knows its real value.
+"""A torch.fx tracer that runs the model alongside the trace on fake tensors, so every Proxy knows the
+shape, dtype and device of the value it stands for while nothing is computed for real.
 
 Plain ``symbolic_trace`` fails on most diffusers transformers because their forward reads shapes
 (``if self.height != height``, ``int(x.shape[1] ** 0.5)``) and branches on optional arguments. Here
-each Proxy carries the concrete tensor it stands for: shape and dtype queries return real Python values
-and become constants, so the graph is specialised to one input signature (the splice caches one graph
-per signature). Branching on tensor *values* (``.item()``, ``if x.any()``) cannot be specialised
-safely and raises ``TraceError`` instead, which sends the splice to its module-level fallback.
+each Proxy carries a concrete (fake) tensor: shape and dtype queries return real Python values and become
+constants, so the graph is specialised to one input signature (the splice caches one graph per
+signature). The values are fake tensors (``FakeTensorMode``): tracing allocates no activations and
+counts no FLOPs, so the first routed step costs what every later one costs. Branching on tensor *values*
+(``.item()``, ``if x.any()``) cannot be specialised and raises ``TraceError`` instead, which sends the
+splice to its module-level fallback.
 
-Only the owner's own forward is traced: every other submodule is a leaf and runs as it is.
+Only the owner's own forward is traced: every other submodule is a leaf and runs (on fake tensors) as it is.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import TraceError
+from torch.utils._python_dispatch import _disable_current_modes
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "stride", "element_size",
                             "is_contiguous", "is_floating_point", "is_complex", "get_device", "__len__"})
@@ -77,13 +82,24 @@ class ConcreteTracer(fx.Tracer):
         self.traced_modules = traced
         self.leaf_modules = leaves
         self.example: Any = None
-        self._depth = 0  # > 0 while running ops for real to compute concrete values
+        self._depth = 0  # > 0 while running ops (on fake tensors) to compute concrete values
+        # parameters and buffers stay real; the mode converts them where fake values meet them
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
+        """Run ops on fake tensors, outside the caller's dispatch modes (a FLOP counter sees nothing)."""
         self._depth += 1
         try:
-            yield
+            if self._depth > 1:
+                yield
+                return
+            with _disable_current_modes(), self.fake_mode:
+                try:
+                    yield
+                except (DataDependentOutputException, DynamicOutputShapeException) as err:
+                    raise TraceError(f"the forward depends on a tensor's value ({err}); it cannot be "
+                                     "specialised by shape") from err
         finally:
             self._depth -= 1
 
@@ -158,8 +174,9 @@ class ConcreteTracer(fx.Tracer):
             for name, fn in originals.items():
                 setattr(torch, name, fn)
 
-    def trace_with(self, root: torch.nn.Module, example: Any) -> fx.Graph:
-        """Trace ``root.forward(example)`` where ``example`` is the real input the graph specialises to."""
-        self.example = example
+    def trace_with(self, root: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.Graph:
+        """Trace ``root.forward(example)``, specialised to the shapes, dtypes and devices of ``example``."""
+        with _disable_current_modes():
+            self.example = tuple(self.fake_mode.from_tensor(t) for t in example)
         with self._recording_random_calls():
             return self.trace(root)
