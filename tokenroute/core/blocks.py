@@ -7,10 +7,12 @@ Keyed by class name so that registering diffusers' blocks needs no diffusers imp
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .route import RouteError
@@ -141,6 +143,27 @@ def block_branches(block: nn.Module, spec: BlockSpec | None = None) -> tuple[Bra
     if attention is None or mlp is None:
         return ()
     return Branch("attention", attention), Branch("mlp", mlp)
+
+
+def with_stream_output(block: nn.Module, spec: BlockSpec, stream_in: Any, output: Any) -> BlockSpec:
+    """``spec`` with the index of the stream in the block's tuple output, where the spec leaves it open.
+
+    A block that returns a tuple and has no ``stream_output`` registered (e.g. ``(hidden_states,
+    encoder_hidden_states)``) returns the stream at the one position whose tensor has the shape of the stream
+    it received; when no position or several have it (text as long as the image), it cannot be told apart and
+    is refused, never guessed."""
+    if spec.stream_output is not None or not isinstance(output, (tuple, list)):
+        return spec
+    shape = getattr(stream_in, "shape", None)
+    matches = [k for k, o in enumerate(output) if isinstance(o, torch.Tensor) and o.shape == shape]
+    if len(matches) == 1:
+        return dataclasses.replace(spec, stream_output=matches[0])
+    shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in output]
+    raise RouteError(
+        f"{type(block).__name__} returns a tuple {shapes} and {len(matches) or 'none'} of its items have the shape "
+        f"{tuple(shape) if shape is not None else None} of the stream it received ({spec.stream!r}), so tokenroute "
+        f"cannot tell which one carries the stream; register it: tokenroute.register_block({type(block).__name__}, "
+        f"tokenroute.BlockSpec({spec.stream!r}, stream_output=K)) with K the index of the stream in the output")
 
 
 def bind_arguments(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -136,8 +136,15 @@ class DropTokens(TokenOperation):
             return value
 
         def back(t: Any) -> Any:
-            if not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == run.batch
-                    and t.shape[1] == run.kept_length):
+            if not (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == run.batch):
+                return t
+            if t.shape[1] != run.kept_length:
+                if t.dim() == run.base.dim() and t.shape[2:] == run.base.shape[2:]:
+                    raise RouteError(
+                        f"a tensor of shape {tuple(t.shape)} leaves the route with the stream's layout but "
+                        f"{t.shape[1]} tokens, where the route kept {run.kept_length} of {run.length}: the stream's "
+                        "length changed inside the route (tokens joined or split off, e.g. text joined between two "
+                        "stacks). End the route before the change, or start it after")
                 return t
             if t.shape[2:] != run.base.shape[2:]:
                 raise RouteError(

@@ -69,10 +69,17 @@ class Boundaries:
         operation, run = self.plan.segments[i].operation, self.runs[i]
         return tuple(operation.enter(run, v, role) for v, role in zip(values, roles))
 
-    def exit(self, i: int, values: tuple[Any, ...], routed: list[bool]) -> tuple[Any, ...]:
-        """Segment ``i`` ends: every routed value leaving it goes back through its operation."""
+    def exit(self, i: int, values: tuple[Any, ...], routed: list[Any]) -> tuple[Any, ...]:
+        """Segment ``i`` ends: every routed value leaving it goes back through its operation. A flag is True,
+        False, or a tuple of flags for the items of a tuple value."""
         operation, run = self.plan.segments[i].operation, self.runs[i]
-        return tuple(operation.exit(run, v) if r else v for v, r in zip(values, routed))
+
+        def back(value: Any, flag: Any) -> Any:
+            if isinstance(flag, tuple):
+                return type(value)(back(v, f) for v, f in zip(value, flag))
+            return operation.exit(run, value) if flag else value
+
+        return tuple(back(v, r) for v, r in zip(values, routed))
 
     def after_block(self, stage: int, stream: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
         return self.plan.stages[stage].module(stream, **arguments)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ..blocks import BlockSpec, bind_arguments
+from ..blocks import BlockSpec, bind_arguments, with_stream_output
 from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
@@ -179,8 +179,10 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
     each segment's boundaries do."""
     graph = module.graph
     blocks = _block_nodes(graph, stack)
-    spec_of = dict(zip(blocks, stack.specs))
     block_of = dict(zip(blocks, stack.blocks))
+    spec_of = {node: with_stream_output(block_of[node], spec, _concrete(_argument(node, block_of[node], spec.stream)),
+                                        node.meta.get("concrete"))
+               for node, spec in zip(blocks, stack.specs)}
     described = []
     for i, segment in enumerate(boundaries.plan.segments):
         region = _region(graph, blocks[segment.route.start], blocks[segment.route.end])
@@ -188,7 +190,8 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
         _splice_end(module, boundaries, i, region, spec_of, set(start.users), boundary)
         described.append(boundary)
     for k, stage in enumerate(boundaries.plan.stages):
-        _splice_stage(module, stack, boundaries, k, blocks[stage.after], stage.after)
+        node = blocks[stage.after]
+        _splice_stage(module, boundaries, k, node, spec_of[node], block_of[node])
     graph.lint()
     module.recompile()
     return described
@@ -241,9 +244,9 @@ def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: 
     """Every value made inside the route and read after it leaves through one end node; the routed ones
     (carrying the stream's tokens) are scattered back."""
     graph, inside = module.graph, set(region)
-    routed = _routed_nodes(region, spec_of, gathered)
+    routed = _routed_flags(region, spec_of, gathered)
     leaving = [n for n in region if any(u not in inside for u in n.users)]
-    flags = [n in routed for n in leaving]
+    flags = [routed.get(n, False) for n in leaving]
     with graph.inserting_after(region[-1]):
         module.add_submodule(f"route{i}_end", RouteEnd(boundaries, i, flags))
         end = graph.call_module(f"route{i}_end", tuple(leaving))
@@ -254,15 +257,14 @@ def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: 
             for user in list(node.users):
                 if user not in inside and user is not end:
                     user.replace_input_with(node, got)
-            (boundary.scattered if flag else boundary.returned).append(describe(node))
+            (boundary.scattered if _carries(flag) else boundary.returned).append(describe(node))
 
 
-def _splice_stage(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries, k: int, node: fx.Node,
-                  position: int) -> None:
+def _splice_stage(module: fx.GraphModule, boundaries: Boundaries, k: int, node: fx.Node, spec: BlockSpec,
+                  block: nn.Module) -> None:
     """Run stage ``k`` on the stream right after block ``node`` (and after a segment ending there), with the
     block's other arguments as they were before any segment reduced them."""
     graph = module.graph
-    spec, block = stack.specs[position], stack.blocks[position]
     value = node if spec.stream_output is None else next(
         u for u in node.users if u.op == "call_function" and u.target is operator.getitem
         and u.args[1] == spec.stream_output)
@@ -282,6 +284,10 @@ def _splice_stage(module: fx.GraphModule, stack: BlockStack, boundaries: Boundar
     with graph.inserting_after(value):
         call = graph.call_module(f"stage{k}", (value,), others)
     value.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+
+
+def _concrete(value: Any) -> Any:
+    return value.meta.get("concrete") if isinstance(value, fx.Node) else value
 
 
 def _argument(node: fx.Node, block: nn.Module, name: str) -> Any:
@@ -305,21 +311,38 @@ def _merge(roles: Any) -> str:
     return "pass"
 
 
-def _routed_nodes(region: list[fx.Node], spec_of: dict[fx.Node, BlockSpec], gathered: set[fx.Node]) -> set[fx.Node]:
-    """Nodes of the region whose value carries routed tokens: gathered inputs, the stream output of every
-    block, and whatever is computed from them (a block's non-stream outputs, e.g. text tokens, are not)."""
-    routed: set[fx.Node] = set(gathered)
-    tuple_blocks: dict[fx.Node, int] = {}
+def _routed_flags(region: list[fx.Node], spec_of: dict[fx.Node, BlockSpec], gathered: set[fx.Node]) -> dict[fx.Node, Any]:
+    """Which parts of each region node's value carry routed tokens: True (all of it), False, or a tuple of
+    flags for a tuple value. Routed are the gathered inputs, the stream output of every block, whatever is
+    computed from them, and the same tensors wherever the forward regroups a block's outputs (slices,
+    reversed tuples, unpacking: followed by the identity of the traced values). A block's other outputs
+    (text tokens) are not."""
+    flags: dict[fx.Node, Any] = {node: True for node in gathered}
+    stream_values: set[int] = set()  # ids of the traced (fake) stream tensors
+
+    def of_value(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            inner = tuple(of_value(v) for v in value)
+            return True if inner and all(f is True for f in inner) else inner
+        return isinstance(value, torch.Tensor) and id(value) in stream_values
+
     for node in region:
+        concrete = node.meta.get("concrete")
         spec = spec_of.get(node)
         if spec is not None:
-            if spec.stream_output is None:
-                routed.add(node)
-            else:
-                tuple_blocks[node] = spec.stream_output
-        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in tuple_blocks:
-            if node.args[1] == tuple_blocks[node.args[0]]:
-                routed.add(node)
-        elif any(src in routed for src in node.all_input_nodes):
-            routed.add(node)
-    return routed
+            stream = concrete if spec.stream_output is None else concrete[spec.stream_output]
+            stream_values.add(id(stream))
+            flags[node] = of_value(concrete)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            parent = flags.get(node.args[0], False)
+            flags[node] = parent if isinstance(parent, bool) else of_value(concrete)
+        else:
+            routed = any(_carries(flags.get(src, False)) for src in node.all_input_nodes)
+            flags[node] = routed
+            if routed and isinstance(concrete, torch.Tensor):
+                stream_values.add(id(concrete))
+    return flags
+
+
+def _carries(flag: Any) -> bool:
+    return flag is True or (isinstance(flag, tuple) and any(_carries(f) for f in flag))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..blocks import bind_arguments, forward_parameters
+from ..blocks import bind_arguments, forward_parameters, with_stream_output
 from ..stack import BlockStack
 from .boundaries import Boundaries
 
@@ -87,6 +87,7 @@ class HookSplice:
         if not self.active:
             return None
         spec, boundaries = self.stack.specs[position], self.boundaries
+        spec = with_stream_output(module, spec, bind_arguments(module, args, kwargs).get(spec.stream), output)
         i = self.route_of.get(position)
         last = i is not None and boundaries.plan.segments[i].route.end == position
         stage = self.stage_of.get(position)

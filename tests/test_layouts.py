@@ -1,0 +1,104 @@
+"""Token layouts the core must read right or refuse: blocks returning (image, text) tuples without a registry
+entry, and streams whose length changes inside a route. Checked from outside, against the unwrapped model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, strategies as st
+
+import tokenroute
+from tokenroute import RouteError
+
+from helpers import randomize, traced_examples
+
+
+class PairBlock(nn.Module):
+    """Returns (hidden_states, encoder_hidden_states), or the reverse, with no registry entry (as CogVideoX)."""
+
+    def __init__(self, dim: int = 8, text_first: bool = False):
+        super().__init__()
+        self.image, self.text, self.text_first = nn.Linear(dim, dim), nn.Linear(dim, dim), text_first
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        mixed = hidden_states + torch.tanh(self.image(hidden_states)) * encoder_hidden_states.mean(1, keepdim=True)
+        text = encoder_hidden_states + torch.tanh(self.text(encoder_hidden_states))
+        return (text, mixed) if self.text_first else (mixed, text)
+
+
+class PairModel(nn.Module):
+    def __init__(self, depth: int = 5, text_first: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList([PairBlock(text_first=text_first) for _ in range(depth)])
+        self.text_first = text_first
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor):
+        for block in self.blocks:
+            out = block(x, text)
+            text, x = out if self.text_first else out[::-1]
+        return x, text
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+@traced_examples
+@given(text_len=st.sampled_from([3, 8, 12]), ratio=st.sampled_from([0.25, 0.5]), seed=st.integers(0, 2**16))
+def test_an_unregistered_block_returning_a_pair_routes_only_the_stream(text_first, text_len, ratio, seed):
+    """The text tensor, even when as long as the kept tokens, is never scattered into the image stream: the
+    text output equals the unwrapped model's, and the skipped image tokens leave the route unchanged."""
+    model = randomize(PairModel(text_first=text_first), seed=1)
+    plain = copy.deepcopy(model)
+    x, text = torch.randn(2, 16, 8), torch.randn(2, text_len, 8)
+    tokenroute.wrap(model, [(1, 3, ratio)], seed=seed)
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.__setitem__("start", out[1] if text_first else out[0]))
+    model.blocks[4].register_forward_pre_hook(lambda m, a: seen.__setitem__("after", a[0]))
+    out, text_out = model.train()(x, text)
+    torch.testing.assert_close(text_out, plain(x, text)[1], rtol=0, atol=0)
+    (mask,) = tokenroute.routing_masks(model)
+    assert torch.equal(seen["after"][mask], seen["start"][mask])
+
+
+def test_a_pair_whose_items_cannot_be_told_apart_is_refused():
+    model = randomize(PairModel())
+    tokenroute.wrap(model, [(1, 3, 0.5)], seed=0)
+    with pytest.raises(RouteError, match=r"PairBlock returns a tuple .* cannot tell which one carries the stream"):
+        model.train()(torch.randn(2, 16, 8), torch.randn(2, 16, 8))  # text as long as the image
+
+
+def test_the_hook_splice_handles_pairs_and_refuses_what_it_cannot_tell():
+    model = randomize(PairModel())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 16, 8)
+    tokenroute.wrap(model, [(1, 3, 0.5)], seed=0, mechanism="hooks")
+    tokenroute.wrap(reference, [(1, 3, 0.5)], seed=0, mechanism="fx")
+    text = torch.randn(2, 5, 8)
+    torch.testing.assert_close(model.train()(x, text), reference.train()(x, text), rtol=0, atol=1e-6)
+    with pytest.raises(RouteError, match="register it"):  # inside the route the stream has 8 tokens, as the text
+        model(x, torch.randn(2, 8, 8))
+
+
+class JoinModel(nn.Module):
+    """Text joins the stream after block 1 ([text, image] from block 2 on), as between Flux's two stacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        for k, block in enumerate(self.blocks):
+            x = torch.cat([text, x], 1) if k == 2 else x
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_a_stream_whose_length_changes_inside_a_route_is_refused(mechanism):
+    model = tokenroute.wrap(randomize(JoinModel()), [(1, 2, 0.5)], seed=0, mechanism=mechanism)
+    with pytest.raises(RouteError, match="length changed inside the route"):
+        model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
+    tokenroute.unwrap(model)
+    tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, mechanism=mechanism)  # after the join: routes the joined stream
+    assert model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8)).shape == (2, 20, 8)
