@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import tokenroute
@@ -102,3 +103,62 @@ def test_a_stream_whose_length_changes_inside_a_route_is_refused(mechanism):
     tokenroute.unwrap(model)
     tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, mechanism=mechanism)  # after the join: routes the joined stream
     assert model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8)).shape == (2, 20, 8)
+
+
+class MaskedBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # one head
+        mask = attention_mask if attention_mask.dim() == 4 else attention_mask.unsqueeze(1)
+        return x + F.scaled_dot_product_attention(q, k, v, attn_mask=mask).squeeze(1)
+
+
+class MaskedModel(nn.Module):
+    """Blocks take an attention mask in one of the layouts diffusers' models use."""
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.blocks = nn.ModuleList([MaskedBlock() for _ in range(4)])
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mask = LAYOUTS[self.layout](valid)
+        for block in self.blocks:
+            x = block(x, attention_mask=mask)
+        return x
+
+
+LAYOUTS = {  # from a (B, L) bool of valid keys
+    "key (B, 1, 1, L) bool": lambda v: v[:, None, None, :],
+    "square (B, L, L) bool": lambda v: v[:, None, :] & v[:, :, None] | torch.eye(v.shape[1], dtype=torch.bool),
+    "additive (B, 1, L, L)": lambda v: torch.where(v[:, None, None, :] & v[:, None, :, None], 0.0, -1e4),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_attention_masks_are_reduced_on_their_query_and_key_axes(layout, mechanism):
+    model = tokenroute.wrap(randomize(MaskedModel(layout)), [(1, 2, 0.5)], seed=0, mechanism=mechanism)
+    x, valid = torch.randn(2, 16, 8), torch.rand(2, 16) > 0.2
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    model.train()(x, valid)
+    (mask,) = tokenroute.routing_masks(model)
+    keep = (~mask).nonzero()[:, 1].view(2, -1)
+    assert torch.equal(seen["attention_mask"], LAYOUTS[layout](torch.take_along_dim(valid, keep, 1)))
+
+
+def test_a_float_square_tensor_entering_a_route_is_refused():
+    class Ambiguous(MaskedModel):
+        def forward(self, x, valid):
+            mask = torch.where(valid[:, None, :] & valid[:, :, None], 0.0, -1e4)  # (B, L, L) float
+            for block in self.blocks:
+                x = block(x, attention_mask=mask)
+            return x
+
+    model = tokenroute.wrap(randomize(Ambiguous("key (B, 1, 1, L) bool")), [(1, 2, 0.5)], seed=0)
+    with pytest.raises(RouteError, match="square attention mask or hidden states"):
+        model.train()(torch.randn(2, 16, 8), torch.rand(2, 16) > 0.2)

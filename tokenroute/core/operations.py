@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from .route import Route, RouteError
 from .selection import RoutingGenerator, check_protect, draw_keep
-from .tokens import gather_table, gather_tokens, scatter_tokens, with_prefix
+from .tokens import gather_axes, gather_table, gather_tokens, scatter_tokens, with_prefix
 
 
 @dataclass
@@ -52,6 +52,25 @@ class DropRun:
 def is_token_aligned(value: Any, batch: int, length: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == length \
         and value.shape[0] in (batch, 1)
+
+
+def token_axes(value: torch.Tensor, run: DropRun) -> tuple[int, ...]:
+    """The axes of a value entering a route that run along the stream's tokens, read from its shape. Axis 1, as
+    for the stream (a skip (B, L, D), a mask (B, L)); for an attention mask (bool, or 4-D), also its query and
+    key axes, the last two ((B, 1, 1, L), (B, H, L, L), (B, L, L) bool). Refuses a float (B, L, L), where the
+    shape cannot tell a square mask from hidden states as wide as the sequence is long."""
+    if value.dim() < 2 or value.shape[0] not in (run.batch, 1):
+        return ()
+    length, last = run.length, value.dim() - 1
+    if value.dtype == torch.bool or value.dim() >= 4:
+        return tuple(a for a in sorted({1, last - 1, last}) if a >= 1 and value.shape[a] == length)
+    if value.dim() == 3 and value.shape[1] == length == value.shape[2]:
+        raise RouteError(
+            f"a {value.dtype} tensor of shape {tuple(value.shape)} enters the route: a square attention mask or "
+            f"hidden states {length} wide? tokenroute cannot tell which axes to reduce. Declare the block argument "
+            "it feeds with tokenroute.register_block(cls, tokenroute.BlockSpec(stream, token_args=(name,))) if only "
+            "axis 1 runs along the tokens, or pass the mask as bool")
+    return (1,) if value.shape[1] == length else ()
 
 
 class TokenOperation:
@@ -127,7 +146,10 @@ class DropTokens(TokenOperation):
             raise RouteError(
                 f"a token-aligned argument has shape {tuple(value.shape)} but the stream has {run.length} tokens "
                 f"in a batch of {run.batch}; register the block's arguments with tokenroute.register_block")
-        return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, run.batch, run.length) else t,
+        if role == "tokens":
+            return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, run.batch, run.length) else t,
+                            value)
+        return tree_map(lambda t: gather_axes(t, run.index, token_axes(t, run)) if isinstance(t, torch.Tensor) else t,
                         value)
 
     def exit(self, run: DropRun, value: Any) -> Any:

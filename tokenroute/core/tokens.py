@@ -21,6 +21,17 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, view, dim=1)
 
 
+def gather_axes(x: torch.Tensor, index: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """``x`` (B or 1, ...) with each of ``axes`` reduced to the kept positions ``index`` (B, K): a query axis
+    and a key axis of an attention mask, say. One gather per axis."""
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    for axis in axes:
+        view = index.view(index.shape[0], *[index.shape[1] if d == axis else 1 for d in range(1, x.dim())])
+        x = torch.take_along_dim(x, view, dim=axis)
+    return x
+
+
 def scatter_tokens(base: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A copy of ``base`` (B, L, ...) with rows ``index`` (B, K) replaced by ``x`` (B, K, ...)."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
