@@ -162,3 +162,75 @@ def test_a_float_square_tensor_entering_a_route_is_refused():
     model = tokenroute.wrap(randomize(Ambiguous("key (B, 1, 1, L) bool")), [(1, 2, 0.5)], seed=0)
     with pytest.raises(RouteError, match="square attention mask or hidden states"):
         model.train()(torch.randn(2, 16, 8), torch.rand(2, 16) > 0.2)
+
+
+TABLES = {  # layout -> (make a table for B samples of L tokens, view it as (B or 1, L, D) inside a block)
+    "(N, D) batch-free": (lambda b, n, d: torch.randn(n, d), lambda t: t[None]),
+    "(1, N, 1, D) as Wan": (lambda b, n, d: torch.randn(1, n, 1, d), lambda t: t[:, :, 0]),
+    "(B, N, D) as LTX": (lambda b, n, d: torch.randn(b, n, d), lambda t: t),
+    "(B, 1, N, D)": (lambda b, n, d: torch.randn(b, 1, n, d), lambda t: t[:, 0]),
+}
+
+
+class TableBlock(nn.Module):
+    def __init__(self, view, dim: int = 8):
+        super().__init__()
+        self.lin, self.view = nn.Linear(dim, dim), view
+
+    def forward(self, x: torch.Tensor, rotary_emb) -> torch.Tensor:
+        image = rotary_emb[0] if isinstance(rotary_emb, tuple) else rotary_emb  # (image, text) as QwenImage
+        return x + self.lin(x) * self.view(image)
+
+
+class TableModel(nn.Module):
+    def __init__(self, view):
+        super().__init__()
+        self.blocks = nn.ModuleList([TableBlock(view) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor, table) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, table)
+        return x
+
+
+@pytest.mark.parametrize("layout", TABLES)
+@pytest.mark.parametrize("with_text", [False, True])
+def test_rotary_tables_in_every_layout_follow_the_kept_tokens(layout, with_text):
+    make, view = TABLES[layout]
+    model = tokenroute.wrap(randomize(TableModel(view)), [(1, 2, 0.5)], seed=0)
+    table = make(3, 16, 8)
+    text_table = torch.randn(5, 8)
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("table", a[1]))
+    model.train()(torch.randn(3, 16, 8), (table, text_table) if with_text else table)
+    (mask,) = tokenroute.routing_masks(model)
+    keep = (~mask).nonzero()[:, 1].view(3, -1)
+    got = seen["table"]
+    if with_text:
+        got, text_got = got
+        assert torch.equal(text_got, text_table)  # the text table is not the image's: it passes
+    expected = torch.take_along_dim(view(table).expand(3, -1, -1), keep[..., None], 1)
+    assert torch.equal(view(got).expand(3, -1, -1), expected)
+    if layout.endswith("batch-free"):
+        assert torch.equal(mask[0], mask[1])  # one selection for the batch: the table has no batch axis
+
+
+def test_a_table_group_whose_image_table_cannot_be_told_is_refused():
+    class Rope(nn.Module):
+        """Returns (image table, text table) from one call, as QwenImage's positional embedding does."""
+
+        def forward(self, x: torch.Tensor, text_len: torch.Tensor):
+            return torch.ones(x.shape[1], x.shape[2]), torch.ones(text_len.shape[0], x.shape[2])
+
+    class GroupModel(TableModel):
+        def __init__(self):
+            super().__init__(lambda t: t[None])
+            self.rope = Rope()
+
+        def forward(self, x, text_len):
+            return super().forward(x, self.rope(x, text_len))
+
+    model = tokenroute.wrap(randomize(GroupModel()), [(1, 2, 0.5)], seed=0)
+    assert model.train()(torch.randn(3, 16, 8), torch.zeros(5)).shape == (3, 16, 8)  # 5 text rows: told apart
+    with pytest.raises(RouteError, match="cannot tell which follows the routed tokens"):
+        model.train()(torch.randn(3, 16, 8), torch.zeros(20))  # 20 text rows could be a table of 16 + 4

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .route import Route, RouteError
 from .selection import RoutingGenerator, check_protect, draw_keep
@@ -71,6 +71,30 @@ def token_axes(value: torch.Tensor, run: DropRun) -> tuple[int, ...]:
             "it feeds with tokenroute.register_block(cls, tokenroute.BlockSpec(stream, token_args=(name,))) if only "
             "axis 1 runs along the tokens, or pass the mask as bool")
     return (1,) if value.shape[1] == length else ()
+
+
+def table_axis(table: torch.Tensor, batch: int, length: int) -> tuple[int, bool] | None:
+    """Where a token table (a rotary embedding) holds its rows for the stream's ``length`` tokens: ``(axis,
+    True)`` for a table with a batch axis of ``batch`` or 1 and one token axis ((B, N, D), (1, N, 1, D),
+    (B, 1, N, D)); ``(0, False)`` for a batch-free table (S, ...) whose rows beyond the stream's lead (text
+    rows in joint attention, never routed); None for a table of other tokens (a text table), which passes."""
+    if table.dim() >= 2 and table.shape[0] in (batch, 1):
+        axes = [a for a in range(1, table.dim()) if table.shape[a] == length]
+        if len(axes) == 1:
+            return axes[0], True
+        if len(axes) > 1:
+            raise RouteError(f"a token table of shape {tuple(table.shape)} has several axes of the stream's {length} "
+                             "tokens; tokenroute cannot tell which to reduce")
+    if table.dim() >= 1 and table.shape[0] >= length:
+        return 0, False
+    return None
+
+
+def needs_shared_selection(values: Any, roles: list[str], batch: int, length: int) -> bool:
+    """A batch-free table crosses the boundary: one selection must then serve the whole batch."""
+    leaves = [t for v, role in zip(values, roles) if role == "table" for t in tree_leaves(v)
+              if isinstance(t, torch.Tensor)]
+    return any(table_axis(t, batch, length) == (0, False) for t in leaves)
 
 
 class TokenOperation:
@@ -140,8 +164,22 @@ class DropTokens(TokenOperation):
         if role == "pass" or value is None or run.identity:
             return value
         if role == "table":
-            return tree_map(lambda t: gather_table(t, run.index, run.length) if isinstance(t, torch.Tensor) else t,
-                            value)
+            def gather(t: Any) -> Any:
+                found = table_axis(t, run.batch, run.length) if isinstance(t, torch.Tensor) else None
+                if found is None:
+                    return t
+                axis, batched = found
+                return gather_axes(t, run.index, (axis,)) if batched else gather_table(t, run.index, run.length)
+
+            leaves = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+            aligned = [t for t in leaves if table_axis(t, run.batch, run.length) is not None]
+            if len({tuple(t.shape) for t in aligned}) > 1:  # (cos, sin) pairs share a shape; (image, text) not
+                raise RouteError(
+                    f"a group of token tables {[tuple(t.shape) for t in leaves]} enters the route and "
+                    f"{len(aligned)} of them, of different shapes, could hold rows for the stream's {run.length} tokens "
+                    "(an image and a text table?); tokenroute cannot tell which follows the routed tokens. Pass them as separate "
+                    "arguments, or register the block with that argument in context_args and route elsewhere")
+            return tree_map(gather, value)
         if role == "tokens" and isinstance(value, torch.Tensor) and not is_token_aligned(value, run.batch, run.length):
             raise RouteError(
                 f"a token-aligned argument has shape {tuple(value.shape)} but the stream has {run.length} tokens "

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..operations import needs_shared_selection
 from ..plan import Plan
 from ..route import RouteError, check_ratio
 
@@ -55,10 +56,10 @@ class Boundaries:
         return self.plan.segments[i].route.ratio if ratios is None else ratios[i]
 
     # -- boundaries ----------------------------------------------------------------------------------------
-    def enter(self, i: int, stream: torch.Tensor, values: tuple[Any, ...], roles: list[str],
-              shared: bool) -> tuple[Any, ...]:
+    def enter(self, i: int, stream: torch.Tensor, values: tuple[Any, ...], roles: list[str]) -> tuple[Any, ...]:
         """Segment ``i`` starts on ``stream``: begin its operation, pass each entering value through it."""
         segment = self.plan.segments[i]
+        shared = stream.dim() >= 2 and needs_shared_selection(values, roles, stream.shape[0], stream.shape[1])
         run = segment.operation.begin(segment.route, stream, prefix=self.plan.prefix_tokens, ratio=self.ratio(i),
                                       shared=shared)
         self.runs[i] = run

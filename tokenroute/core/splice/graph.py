@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..blocks import BlockSpec, bind_arguments, with_stream_output
+from ..operations import needs_shared_selection
 from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
@@ -52,12 +53,12 @@ class _Call(nn.Module):
 class RouteStart(nn.Module):
     """Segment ``index`` starts: its operation begins and reduces the values that enter it."""
 
-    def __init__(self, boundaries: Boundaries, index: int, roles: list[str], shared: bool):
+    def __init__(self, boundaries: Boundaries, index: int, roles: list[str]):
         super().__init__()
-        self.boundaries, self.index, self.roles, self.shared = boundaries, index, roles, shared
+        self.boundaries, self.index, self.roles = boundaries, index, roles
 
     def forward(self, stream: torch.Tensor, *values: Any) -> tuple[Any, ...]:
-        return self.boundaries.enter(self.index, stream, values, self.roles, self.shared)
+        return self.boundaries.enter(self.index, stream, values, self.roles)
 
 
 class RouteEnd(nn.Module):
@@ -224,11 +225,12 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
                 entering.setdefault(source, {})[node] = _role(source, node, spec_of.get(node), block_of.get(node))
     gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
-    shared = "table" in roles
+    traced_stream = _concrete(stream)
+    shared = needs_shared_selection([_concrete(src) for src, _ in gather], roles, *traced_stream.shape[:2])
     boundary = Boundary(i, describe(stream), shared_selection=shared,
                         passed=[describe(src) for src, uses in entering.items() if (src, uses) not in gather])
     with graph.inserting_before(first):
-        module.add_submodule(f"route{i}_start", RouteStart(boundaries, i, roles, shared))
+        module.add_submodule(f"route{i}_start", RouteStart(boundaries, i, roles))
         start = graph.call_module(f"route{i}_start", (stream, *[src for src, _ in gather]))
         for k, ((src, uses), role) in enumerate(zip(gather, roles)):
             got = graph.call_function(operator.getitem, (start, k))
@@ -254,6 +256,7 @@ def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: 
         for k, (node, flag) in enumerate(zip(leaving, flags)):
             got = graph.call_function(operator.getitem, (end, k))
             got.meta["label"] = describe(node)  # the same value, back at full length where it was routed
+            got.meta["concrete"] = node.meta.get("concrete")  # the trace ran unrouted: full length too
             for user in list(node.users):
                 if user not in inside and user is not end:
                     user.replace_input_with(node, got)

@@ -70,9 +70,8 @@ class HookSplice:
         i = self.route_of.get(position)
         names = list(new)
         if i is not None and segments[i].route.start == position:
-            shared = any(spec.role(n) == "table" and v is not None for n, v in new.items())
             new = dict(zip(names, boundaries.enter(i, new[spec.stream], tuple(new.values()),
-                                                   [spec.role(n) for n in names], shared)))
+                                                   [spec.role(n) for n in names])))
         elif i is not None:  # values made before the segment enter it
             roles = ["pass" if n == spec.stream or spec.role(n) == "pass" else
                      "table" if spec.role(n) == "table" else "auto" for n in names]
