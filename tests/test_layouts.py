@@ -234,3 +234,37 @@ def test_a_table_group_whose_image_table_cannot_be_told_is_refused():
     assert model.train()(torch.randn(3, 16, 8), torch.zeros(5)).shape == (3, 16, 8)  # 5 text rows: told apart
     with pytest.raises(RouteError, match="cannot tell which follows the routed tokens"):
         model.train()(torch.randn(3, 16, 8), torch.zeros(20))  # 20 text rows could be a table of 16 + 4
+
+
+class GridBlock(nn.Module):
+    """Reshapes its tokens to the image grid (as Sana's conv MLP or Latte's temporal blocks do)."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+        return x + self.conv(grid).flatten(2).transpose(1, 2)
+
+
+class GridModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([GridBlock() for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, 4, 4)
+        return x
+
+
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_a_block_that_needs_the_whole_grid_inside_a_route_gets_an_error_that_says_why(mechanism):
+    model = tokenroute.wrap(randomize(GridModel()), [(1, 2, 0.5)], seed=0, mechanism=mechanism)
+    x = torch.randn(2, 16, 8)
+    with pytest.raises(RouteError, match=r"while route 0 \(tread, blocks.1 .. blocks.2\) ran on 8 of 16 tokens"):
+        model.train()(x)
+    model.eval()(x)  # nothing routed, nothing raised
+    with tokenroute.routing(model, ratio=0.0):
+        model.train()(x)

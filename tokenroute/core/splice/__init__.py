@@ -177,6 +177,13 @@ class Splice:
                 return self.original(*args, **kwargs)
             finally:
                 self.hooks.active = False
+        except RouteError:
+            raise
+        except Exception as err:
+            explained = boundaries.explain_failure(err, self.stack.paths)
+            if explained is None:
+                raise
+            raise explained from err
         finally:
             boundaries.end_forward()
 

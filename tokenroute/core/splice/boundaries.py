@@ -35,6 +35,7 @@ class Boundaries:
         self.overrides = Overrides()
         self.runs: list[Any] = [None] * len(plan.segments)
         self.routing = False  # this (or the last) forward drops tokens
+        self.open: int | None = None  # the segment whose blocks are running
 
     # -- per forward ---------------------------------------------------------------------------------------
     def active(self, training: bool) -> bool:
@@ -43,6 +44,7 @@ class Boundaries:
     def begin_forward(self, routing: bool) -> None:
         self.runs = [None] * len(self.plan.segments)
         self.routing = routing
+        self.open = None
 
     def end_forward(self) -> None:
         """Keep only what ``masks`` needs, not the route-start tensors."""
@@ -63,6 +65,7 @@ class Boundaries:
         run = segment.operation.begin(segment.route, stream, prefix=self.plan.prefix_tokens, ratio=self.ratio(i),
                                       shared=shared)
         self.runs[i] = run
+        self.open = i
         return self.reduce(i, values, roles)
 
     def reduce(self, i: int, values: tuple[Any, ...], roles: list[str]) -> tuple[Any, ...]:
@@ -74,6 +77,8 @@ class Boundaries:
         """Segment ``i`` ends: every routed value leaving it goes back through its operation. A flag is True,
         False, or a tuple of flags for the items of a tuple value."""
         operation, run = self.plan.segments[i].operation, self.runs[i]
+        if self.open == i:
+            self.open = None
 
         def back(value: Any, flag: Any) -> Any:
             if isinstance(flag, tuple):
@@ -81,6 +86,20 @@ class Boundaries:
             return operation.exit(run, value) if flag else value
 
         return tuple(back(v, r) for v, r in zip(values, routed))
+
+    def explain_failure(self, err: Exception, paths: list[str]) -> RouteError | None:
+        """An error raised while a segment's blocks ran on a subset of the tokens, as a RouteError that says
+        why; None where no segment was reducing the stream (the model's own error stands)."""
+        i = self.open
+        run = self.runs[i] if i is not None else None
+        if run is None or getattr(run, "identity", True):
+            return None
+        route = self.plan.segments[i].route
+        return RouteError(
+            f"{type(err).__name__} while route {i} ({self.plan.segments[i].method}, {paths[route.start]} .. "
+            f"{paths[route.end]}) ran on {run.kept_length} of {run.length} tokens: {err}. A block that reshapes its "
+            "tokens to the image grid, or takes the grid's height and width, cannot run on a subset of the tokens: "
+            "end the route before it (tokenroute.explain lists the blocks)")
 
     def after_block(self, stage: int, stream: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
         return self.plan.stages[stage].module(stream, **arguments)
