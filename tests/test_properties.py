@@ -231,6 +231,49 @@ def test_the_first_routed_step_costs_what_later_ones_cost(name):
     assert first < _flops(lambda: run(model, inputs).square().mean().backward())
 
 
+def test_tracing_under_autocast_leaves_the_real_forward_real():
+    """Autocast caches each weight's low-precision copy for its whole region; the trace's copies are fake."""
+    model = tokenroute.wrap(make_backbone("dit", depth=4), [(1, 2, 0.5)], seed=0)
+    inputs = backbone_inputs(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = run(model, inputs)
+        second = run(model, inputs)
+    assert type(first) is torch.Tensor and type(second) is torch.Tensor
+    assert torch.isfinite(first).all() and first.float().abs().sum() > 0
+
+
+class CachingBlock(torch.nn.Module):
+    """Builds a table on its first call and keeps it, as lazily cached rotary embeddings do."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+        self.table = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None or self.table.shape[0] != x.shape[1]:
+            self.table = torch.linspace(0, 1, x.shape[1], device=x.device)[:, None]
+        return x + self.lin(x) * self.table[: x.shape[1]]
+
+
+def test_caches_that_modules_fill_while_tracing_stay_real():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([CachingBlock() for _ in range(4)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = tokenroute.wrap(Net(), [(1, 2, 0.5)], seed=0)
+    x = torch.randn(2, 10, 8)
+    first = model.train()(x)
+    assert type(first) is torch.Tensor and type(model(x)) is torch.Tensor
+    assert all(block.table is None or type(block.table) is torch.Tensor for block in model.blocks)
+
+
 # ----------------------------------------------------------------------------------------------
 def test_user_module_found_automatically_with_shape_assert():
     model = randomize(ToyTransformer(depth=6))

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                           FakeTensorMode)
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import TraceError
 from torch.utils._python_dispatch import _disable_current_modes
@@ -100,6 +101,10 @@ class ConcreteTracer(fx.Tracer):
                 except (DataDependentOutputException, DynamicOutputShapeException) as err:
                     raise TraceError(f"the forward depends on a tensor's value ({err}); it cannot be "
                                      "specialised by shape") from err
+                finally:
+                    # autocast caches the low-precision copy of each weight for the rest of its region: copies
+                    # made here are fake and must not serve the real forward that follows
+                    torch.clear_autocast_cache()
         finally:
             self._depth -= 1
 
@@ -175,8 +180,34 @@ class ConcreteTracer(fx.Tracer):
                 setattr(torch, name, fn)
 
     def trace_with(self, root: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.Graph:
-        """Trace ``root.forward(example)``, specialised to the shapes, dtypes and devices of ``example``."""
+        """Trace ``root.forward(example)``, specialised to the shapes, dtypes and devices of ``example``.
+        Tensors that modules stored on themselves while running on fake values (a lazily built cache) are
+        put back as they were: the real forwards that follow must never meet a fake tensor."""
         with _disable_current_modes():
             self.example = tuple(self.fake_mode.from_tensor(t) for t in example)
-        with self._recording_random_calls():
-            return self.trace(root)
+        before = _stored_values(root)
+        try:
+            with self._recording_random_calls():
+                return self.trace(root)
+        finally:
+            _restore_stored_tensors(root, before)
+
+
+def _stored_values(root: torch.nn.Module) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+    """What each module of ``root`` holds as plain attributes and as buffers, by module."""
+    return {id(m): (dict(vars(m)), dict(m._buffers)) for m in root.modules()}
+
+
+def _restore_stored_tensors(root: torch.nn.Module, before: dict[int, tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Undo what running on fake values stored on the modules: the old value back, or the new attribute gone."""
+    for module in root.modules():
+        attributes, buffers = before.get(id(module), ({}, {}))
+        for name, value in list(module._buffers.items()):
+            if isinstance(value, FakeTensor):
+                module._buffers[name] = buffers.get(name)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, FakeTensor):
+                if name in attributes:
+                    setattr(module, name, attributes[name])
+                else:
+                    delattr(module, name)
