@@ -217,6 +217,15 @@ def test_profile_step_smoke(tmp_path):
     assert result["ideal_speedup"] > 1
 
 
+def test_first_step_smoke(tmp_path):
+    """The first routed step (which traces the graph) counts the FLOPs of a later one."""
+    import first_step
+    out = tmp_path / "first_step_smoke.json"
+    first_step.main(["--smoke", "--steps", "2", "--output", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["first_over_later_flops"] == 1.0 and result["first"]["flops"] > 0
+
+
 def test_profile_categories():
     import profile_step
     assert profile_step.category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
