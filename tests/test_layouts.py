@@ -268,3 +268,13 @@ def test_a_block_that_needs_the_whole_grid_inside_a_route_gets_an_error_that_say
     model.eval()(x)  # nothing routed, nothing raised
     with tokenroute.routing(model, ratio=0.0):
         model.train()(x)
+
+
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_separate_image_and_text_tables_given_together_are_checked_as_a_group(mechanism):
+    make, view = TABLES["(N, D) batch-free"]
+    model = tokenroute.wrap(randomize(TableModel(view)), [(1, 2, 0.5)], seed=0, mechanism=mechanism)
+    x = torch.randn(3, 16, 8)
+    model.train()(x, (make(3, 16, 8), torch.randn(5, 8)))  # 5 text rows: told apart
+    with pytest.raises(RouteError, match="cannot tell which follows the routed tokens"):
+        model(x, (make(3, 16, 8), torch.randn(20, 8)))

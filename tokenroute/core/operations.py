@@ -90,6 +90,20 @@ def table_axis(table: torch.Tensor, batch: int, length: int) -> tuple[int, bool]
     return None
 
 
+def check_table_group(leaves: list[Any], batch: int, length: int) -> None:
+    """The tables one block argument takes together must be told apart: several that could hold the stream's
+    rows are fine when they share a shape ((cos, sin) pairs), refused when they do not (an image table and a
+    text table with at least as many rows)."""
+    tables = [t for t in leaves if isinstance(t, torch.Tensor)]
+    aligned = [t for t in tables if table_axis(t, batch, length) is not None]
+    if len({tuple(t.shape) for t in aligned}) > 1:
+        raise RouteError(
+            f"a group of token tables {[tuple(t.shape) for t in tables]} enters the route and {len(aligned)} of them, "
+            f"of different shapes, could hold rows for the stream's {length} tokens (an image and a text table?); "
+            "tokenroute cannot tell which follows the routed tokens. Register the block with that argument in "
+            "context_args and keep the route off the blocks that take it")
+
+
 def needs_shared_selection(values: Any, roles: list[str], batch: int, length: int) -> bool:
     """A batch-free table crosses the boundary: one selection must then serve the whole batch."""
     leaves = [t for v, role in zip(values, roles) if role == "table" for t in tree_leaves(v)
@@ -171,14 +185,7 @@ class DropTokens(TokenOperation):
                 axis, batched = found
                 return gather_axes(t, run.index, (axis,)) if batched else gather_table(t, run.index, run.length)
 
-            leaves = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-            aligned = [t for t in leaves if table_axis(t, run.batch, run.length) is not None]
-            if len({tuple(t.shape) for t in aligned}) > 1:  # (cos, sin) pairs share a shape; (image, text) not
-                raise RouteError(
-                    f"a group of token tables {[tuple(t.shape) for t in leaves]} enters the route and "
-                    f"{len(aligned)} of them, of different shapes, could hold rows for the stream's {run.length} tokens "
-                    "(an image and a text table?); tokenroute cannot tell which follows the routed tokens. Pass them as separate "
-                    "arguments, or register the block with that argument in context_args and route elsewhere")
+            check_table_group(tree_leaves(value), run.batch, run.length)
             return tree_map(gather, value)
         if role == "tokens" and isinstance(value, torch.Tensor) and not is_token_aligned(value, run.batch, run.length):
             raise RouteError(

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..blocks import BlockSpec, bind_arguments, with_stream_output
-from ..operations import needs_shared_selection
+from ..operations import check_table_group, needs_shared_selection
 from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
@@ -226,6 +226,12 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
     gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
     traced_stream = _concrete(stream)
+    for node in region:  # table arguments built from several traced values are checked as one group
+        spec = spec_of.get(node)
+        if spec is not None:
+            for name, value in bind_arguments(block_of[node], node.args, dict(node.kwargs)).items():
+                if spec.role(name) == "table" and isinstance(value, (tuple, list)):
+                    check_table_group([_concrete(v) for v in value], *traced_stream.shape[:2])
     shared = needs_shared_selection([_concrete(src) for src, _ in gather], roles, *traced_stream.shape[:2])
     boundary = Boundary(i, describe(stream), shared_selection=shared,
                         passed=[describe(src) for src, uses in entering.items() if (src, uses) not in gather])
