@@ -101,8 +101,21 @@ def test_a_stream_whose_length_changes_inside_a_route_is_refused(mechanism):
     with pytest.raises(RouteError, match="length changed inside the route"):
         model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
     tokenroute.unwrap(model)
-    tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, mechanism=mechanism)  # after the join: routes the joined stream
+    tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, mechanism=mechanism, prefix_tokens=4)  # after the join
     assert model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8)).shape == (2, 20, 8)
+    assert tokenroute.routing_masks(model)[0].shape == (2, 16)  # the 4 text tokens lead and are never routed
+
+
+def test_a_stream_joined_from_parts_needs_its_prefix_declared():
+    """[text, image] joined in the forward: which tokens are the image's is not read from the graph yet, so
+    routing it without prefix_tokens is refused rather than routing the text too."""
+    model = tokenroute.wrap(randomize(JoinModel()), [(2, 3, 0.5)], seed=0)
+    with pytest.raises(RouteError, match=r"joined on its token axis from parts of \[4, 16\] tokens"):
+        model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
+    tokenroute.unwrap(model)
+    tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, prefix_tokens=0)  # declared: every token may be routed
+    model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
+    assert tokenroute.routing_masks(model)[0].shape == (2, 20)
 
 
 class MaskedBlock(nn.Module):

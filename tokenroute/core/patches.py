@@ -99,6 +99,7 @@ class PatchRegistry:
         self.original = OriginalForward(stack.owner)
         self.splice: Splice | None = None
         self.prefix_default = default_prefix_tokens(model, stack)
+        self.prefix_declared = any(hasattr(m, "num_prefix_tokens") for m in (stack.owner, model))
 
     # -- lookup ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -166,7 +167,8 @@ class PatchRegistry:
             raise RouteError(f"mechanism {sorted(mechanisms)[0]!r} is not one of {MECHANISMS}")
         if len(mechanisms) > 1:
             raise RouteError(f"the methods applied ask for different mechanisms {sorted(mechanisms)}")
-        return Plan(segments, stages, prefix), mechanisms.pop() if mechanisms else "auto"
+        declared = self.prefix_declared or any(p.prefix_tokens is not None for p in patches)
+        return Plan(segments, stages, prefix, declared), mechanisms.pop() if mechanisms else "auto"
 
     def _rebuild(self, patches: list[Patch]) -> None:
         """Swap in a splice for ``patches`` (already checked) and re-attach every patch's hooks in order."""

@@ -37,11 +37,13 @@ class Stage:
 
 @dataclass
 class Plan:
-    """Every segment and stage on the stack, in block order; the prefix tokens no segment routes."""
+    """Every segment and stage on the stack, in block order; the prefix tokens no segment routes, and whether
+    they were declared (by a method's ``prefix_tokens`` or the model's ``num_prefix_tokens``) or assumed 0."""
 
     segments: list[Segment] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
     prefix_tokens: int = 0
+    prefix_declared: bool = False
 
     @property
     def routes(self) -> list[Route]:

@@ -226,6 +226,8 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
     gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
     traced_stream = _concrete(stream)
+    if not boundaries.plan.prefix_declared:
+        _refuse_joined_stream(stream, traced_stream, i, boundaries)
     for node in region:  # table arguments built from several traced values are checked as one group
         spec = spec_of.get(node)
         if spec is not None:
@@ -245,6 +247,36 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
                 if use_role != "pass":
                     user.replace_input_with(src, got)
     return boundary, start
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _refuse_joined_stream(stream: fx.Node, traced: torch.Tensor, i: int, boundaries: Boundaries) -> None:
+    """A stream concatenated on its token axis from several parts (time, label or class tokens, text) holds
+    tokens that must not be routed, and which of them are image tokens cannot be read from the graph yet:
+    where no prefix count was declared, refuse rather than route all of them."""
+    seen, todo = set(), [stream]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        value = node.meta.get("concrete")
+        if node.op == "call_function" and node.target in _CONCATENATIONS and isinstance(value, torch.Tensor) \
+                and value.dim() >= 3 and value.shape[1] == traced.shape[1]:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            parts = node.args[0]
+            if dim in (1, 1 - value.dim()) and isinstance(parts, (list, tuple)) and len(parts) > 1:
+                lengths = [tuple(_concrete(p).shape)[1] if isinstance(_concrete(p), torch.Tensor) else "?"
+                           for p in parts]
+                raise RouteError(
+                    f"the stream entering route {i} ({boundaries.plan.segments[i].method}) was joined on its token "
+                    f"axis from parts of {lengths} tokens ({describe(node)}), and which of them are image tokens "
+                    "cannot be read from the graph yet. Declare the tokens that must never be routed: "
+                    "prefix_tokens=K for K leading ones (time, label, class or text tokens), or prefix_tokens=0 if "
+                    "every token may be routed")
+        todo.extend(n for n in node.all_input_nodes if isinstance(n.meta.get("concrete"), torch.Tensor))
 
 
 def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],
