@@ -291,3 +291,23 @@ def test_separate_image_and_text_tables_given_together_are_checked_as_a_group(me
     model.train()(x, (make(3, 16, 8), torch.randn(5, 8)))  # 5 text rows: told apart
     with pytest.raises(RouteError, match="cannot tell which follows the routed tokens"):
         model(x, (make(3, 16, 8), torch.randn(20, 8)))
+
+
+class SequenceFirstModel(nn.Module):
+    """Blocks on an (L, B, D) stream, as torch's own TransformerEncoderLayer without batch_first."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(0, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x.transpose(0, 1)
+
+
+def test_a_sequence_first_stream_is_refused():
+    model = tokenroute.wrap(randomize(SequenceFirstModel()), [(1, 2, 0.5)], seed=0, mechanism="fx")
+    with pytest.raises(RouteError, match=r"its tokens lie on axis 0 \(sequence first\)"):
+        model.train()(torch.randn(3, 16, 8))

@@ -226,6 +226,7 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
     gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
     traced_stream = _concrete(stream)
+    _refuse_sequence_first(graph, traced_stream, i)
     if not boundaries.plan.prefix_declared:
         _refuse_joined_stream(stream, traced_stream, i, boundaries)
     for node in region:  # table arguments built from several traced values are checked as one group
@@ -250,6 +251,18 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
 
 
 _CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _refuse_sequence_first(graph: fx.Graph, traced: torch.Tensor, i: int) -> None:
+    """A stream laid out (L, B, D), tokens first, would have its batch axis routed: refuse it. Read from the
+    batch sizes of the forward's tensor inputs: the stream's axis 1, not its axis 0, carries one of them."""
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim()}
+    if traced.dim() >= 3 and traced.shape[0] not in batches and traced.shape[1] in batches:
+        raise RouteError(
+            f"the stream entering route {i} has shape {tuple(traced.shape)}: its axis 1 is the batch of the model's "
+            f"inputs ({sorted(batches)}), so its tokens lie on axis 0 (sequence first). tokenroute routes streams "
+            "laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
 
 
 def _refuse_joined_stream(stream: fx.Node, traced: torch.Tensor, i: int, boundaries: Boundaries) -> None:
