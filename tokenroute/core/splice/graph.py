@@ -255,9 +255,10 @@ _CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
 
 def _refuse_sequence_first(graph: fx.Graph, traced: torch.Tensor, i: int) -> None:
     """A stream laid out (L, B, D), tokens first, would have its batch axis routed: refuse it. Read from the
-    batch sizes of the forward's tensor inputs: the stream's axis 1, not its axis 0, carries one of them."""
+    batch sizes of the forward's image, video and token inputs (3-D and more; id tables and timesteps have
+    other leading sizes): the stream's axis 1, not its axis 0, carries one of them."""
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
-    batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim()}
+    batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim() >= 3}
     if traced.dim() >= 3 and traced.shape[0] not in batches and traced.shape[1] in batches:
         raise RouteError(
             f"the stream entering route {i} has shape {tuple(traced.shape)}: its axis 1 is the batch of the model's "
