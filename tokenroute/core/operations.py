@@ -135,6 +135,10 @@ class TokenOperation:
         """What of ``run`` outlives the forward (for ``mask``): nothing that pins the forward's activations."""
         return run
 
+    def reduction(self, run: Any) -> str | None:
+        """What the route's blocks run on in this ``run`` ('8 of 16 tokens'), for errors; None: the stream as is."""
+        return None
+
 
 class DropTokens(TokenOperation):
     """Run the route on a subset of the tokens, chosen per sample; what the others return as is ``returns``.
@@ -226,6 +230,9 @@ class DropTokens(TokenOperation):
 
     def release(self, run: DropRun) -> DropRun:
         return run.released()
+
+    def reduction(self, run: DropRun) -> str | None:
+        return None if run.identity else f"{run.kept_length} of {run.length} tokens"
 
 
 class SkipTokens(DropTokens):

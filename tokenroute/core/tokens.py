@@ -15,10 +15,7 @@ def with_prefix(keep: torch.Tensor, prefix: int) -> torch.Tensor:
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b]]`` for x of shape (B or 1, L, ...) and index (B, K): one gather."""
-    if x.shape[0] != index.shape[0]:
-        x = x.expand(index.shape[0], *x.shape[1:])
-    view = index.view(*index.shape, *([1] * (x.dim() - 2)))
-    return torch.take_along_dim(x, view, dim=1)
+    return gather_axes(x, index, (1,))
 
 
 def gather_axes(x: torch.Tensor, index: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

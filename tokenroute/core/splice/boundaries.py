@@ -91,13 +91,16 @@ class Boundaries:
         """An error raised while a segment's blocks ran on a subset of the tokens, as a RouteError that says
         why; None where no segment was reducing the stream (the model's own error stands)."""
         i = self.open
-        run = self.runs[i] if i is not None else None
-        if run is None or getattr(run, "identity", True):
+        if i is None or self.runs[i] is None:
             return None
-        route = self.plan.segments[i].route
+        segment = self.plan.segments[i]
+        reduction = segment.operation.reduction(self.runs[i])
+        if reduction is None:
+            return None
+        route = segment.route
         return RouteError(
-            f"{type(err).__name__} while route {i} ({self.plan.segments[i].method}, {paths[route.start]} .. "
-            f"{paths[route.end]}) ran on {run.kept_length} of {run.length} tokens: {err}. A block that reshapes its "
+            f"{type(err).__name__} while route {i} ({segment.method}, {paths[route.start]} .. "
+            f"{paths[route.end]}) ran on {reduction}: {err}. A block that reshapes its "
             "tokens to the image grid, or takes the grid's height and width, cannot run on a subset of the tokens: "
             "end the route before it (tokenroute.explain lists the blocks)")
 
