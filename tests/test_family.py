@@ -10,7 +10,6 @@ fall; gradients reach the same parameters. A class that cannot be routed correct
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ pytest.importorskip("diffusers")
 
 import tokenroute  # noqa: E402
 from tokenroute import RouteError  # noqa: E402
+from tokenroute.core.patches import registry_of  # noqa: E402
 from tokenroute.utils import output_tensor  # noqa: E402
 
 from family import Case, all_cases  # noqa: E402
@@ -83,9 +83,8 @@ def flops(model, inputs) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_one_line_wrap(name):
-    case = CASES[name]
+def check(case: Case) -> dict:
+    """Run every check on ``case``; returns what was found (stack, routes, layouts) for the backbone table."""
     model, inputs = build(case)
     plain = copy.deepcopy(model)
     if case.refuses is not None:
@@ -93,7 +92,7 @@ def test_one_line_wrap(name):
             stack = tokenroute.core.find_stack(model, case.blocks)
             tokenroute.wrap(model, middle_routes(stack), seed=0, blocks=case.blocks)
             forward(model.train(), inputs)
-        return
+        return {"status": "refused", "why": case.refuses}
     stack = tokenroute.core.find_stack(model, case.blocks)
     routes = middle_routes(stack)
     paths = [f"{stack.owner_path}.{p}" if stack.owner_path else p for p in stack.paths]
@@ -113,6 +112,7 @@ def test_one_line_wrap(name):
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {n for n, p in plain.named_parameters() if p.grad is not None}
 
+    layouts = []
     for route in routes:  # one route at a time: the stream entering it is then the unwrapped one, reduced
         start = route[0]
         tokenroute.unwrap(model)
@@ -130,3 +130,11 @@ def test_one_line_wrap(name):
         for b in range(full[start].shape[0]):
             kept = kept_positions(full[start][b].detach(), routed[start][b].detach())
             assert others <= set(kept), f"non-image tokens routed at {paths[start]}"
+        layouts += [b.layout.describe() for traced in registry_of(model).splice.signatures.graphs.values()
+                    for b in traced.boundaries if b.layout is not None][:1]
+    return {"status": "routes", "stack": stack.containers, "found": stack.found, "routes": routes, "layouts": layouts}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_line_wrap(name):
+    check(CASES[name])

@@ -106,16 +106,84 @@ def test_a_stream_whose_length_changes_inside_a_route_is_refused(mechanism):
     assert tokenroute.routing_masks(model)[0].shape == (2, 16)  # the 4 text tokens lead and are never routed
 
 
-def test_a_stream_joined_from_parts_needs_its_prefix_declared():
-    """[text, image] joined in the forward: which tokens are the image's is not read from the graph yet, so
-    routing it without prefix_tokens is refused rather than routing the text too."""
-    model = tokenroute.wrap(randomize(JoinModel()), [(2, 3, 0.5)], seed=0)
-    with pytest.raises(RouteError, match=r"joined on its token axis from parts of \[4, 16\] tokens"):
-        model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
+class JoinedModel(nn.Module):
+    """Non-image tokens joined into the stream in the forward, as research code writes it: U-ViT's time and
+    label tokens before the patch tokens (``extras``), or text before or after the image (single-stream blocks)."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.patch = nn.Conv2d(2, 8, 2, stride=2)
+        self.time, self.label = nn.Linear(1, 8), nn.Embedding(10, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        extras = torch.stack([self.time(t[:, None]), self.label(y)], 1)
+        if self.where == "extras":
+            x = torch.cat([extras, x], dim=1)
+        elif self.where == "text_first":
+            x = torch.cat([text, x], dim=1)
+        else:
+            x = torch.cat((x, text), dim=-2)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("where, lead, trail", [("extras", 2, 0), ("text_first", 3, 0), ("text_last", 0, 3)])
+@traced_examples
+@given(seed=st.integers(0, 2**16), ratio=st.sampled_from([0.25, 0.5, 0.75]))
+def test_tokens_joined_in_the_forward_are_read_from_the_graph_and_never_routed(where, lead, trail, seed, ratio):
+    """The image tokens' place among the joined ones and their grid are read from the graph; the others reach
+    the route's blocks untouched, checked with a hook on the first routed block."""
+    model = randomize(JoinedModel(where), seed=1)
+    inputs = (torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([1, 2]), torch.randn(2, 3, 8))
+    full = {}
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, a: full.__setitem__("x", a[0]))
+    model(*inputs)
+    handle.remove()
+    tokenroute.wrap(model, [(1, 2, ratio)], seed=seed)
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    model.train()(*inputs)
+    (mask,) = tokenroute.routing_masks(model)
+    assert mask.shape == (2, 16)  # the 4 x 4 image tokens only
+    kept = torch.cat([full["x"][:, :lead], full["x"][:, lead:lead + 16][~mask].view(2, -1, 8),
+                      full["x"][:, lead + 16:]], 1)
+    assert torch.equal(seen["x"], kept)
+    assert "grid 4x4 (" in tokenroute.explain(model) and "the patch embedding patch output" in tokenroute.explain(model)
+
+
+def test_a_declared_prefix_that_the_graph_contradicts_is_refused():
+    model = tokenroute.wrap(randomize(JoinedModel("extras")), [(1, 2, 0.5)], seed=0, prefix_tokens=1)
+    with pytest.raises(RouteError, match=r"prefix_tokens=1 is declared, but .* 16 image tokens after 2 others"):
+        model.train()(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([1, 2]), torch.randn(2, 3, 8))
+
+
+class TwoViewModel(nn.Module):
+    """Two views of the image joined on the token axis: both parts carry image tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x, x.flip(1)], 1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_join_whose_image_part_cannot_be_told_is_refused_unless_declared():
+    model = tokenroute.wrap(randomize(TwoViewModel()), [(1, 1, 0.5)], seed=0)
+    with pytest.raises(RouteError, match=r"cannot be read from the graph: .* joins parts of \[16, 16\] tokens on "
+                                         r"the token axis and 2 of them carry image tokens"):
+        model.train()(torch.randn(2, 16, 8))
     tokenroute.unwrap(model)
-    tokenroute.wrap(model, [(2, 3, 0.5)], seed=0, prefix_tokens=0)  # declared: every token may be routed
-    model.train()(torch.randn(2, 16, 8), torch.randn(2, 4, 8))
-    assert tokenroute.routing_masks(model)[0].shape == (2, 20)
+    tokenroute.wrap(model, [(1, 1, 0.5)], seed=0, prefix_tokens=0)  # declared: every token may be routed
+    model.train()(torch.randn(2, 16, 8))
+    assert tokenroute.routing_masks(model)[0].shape == (2, 32)
 
 
 class MaskedBlock(nn.Module):

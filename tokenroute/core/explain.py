@@ -27,8 +27,8 @@ def explain(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> str:
     prefix = plan.prefix_tokens if plan is not None else registry.prefix_default
     lines = [f"tokenroute plan for {type(model).__name__}",
              f"  methods: {', '.join(f'{p.title} ({p.name})' for p in registry)}",
-             f"  stack: {len(stack)} blocks run by {owner} ({type(stack.owner).__name__}); "
-             f"prefix tokens never routed: {prefix}"]
+             f"  stack: {len(stack)} blocks run by {owner} ({type(stack.owner).__name__}), found as {stack.found}; "
+             f"declared prefix tokens: {prefix}"]
     route_of = plan.route_of() if plan is not None else {}
     for position, (path, block, spec) in enumerate(zip(stack.paths, stack.blocks, stack.specs)):
         tag = f"route {route_of[position]}" if position in route_of else ""
@@ -49,6 +49,8 @@ def explain(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> str:
         for b in traced.boundaries:
             route = plan.segments[b.route].route
             gathered = ", ".join(f"{name} ({role})" for name, role in b.gathered) or "nothing"
+            if b.layout is not None:
+                lines.append(f"    route {b.route} layout: {b.layout.describe()}")
             lines.append(f"    route {b.route} start, before {stack.paths[route.start]}: stream {b.stream}; "
                          f"gathers {gathered}; passes {', '.join(b.passed) or 'nothing'}"
                          + ("; one selection shared by the batch (a batch-free token table crosses)"

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .layout import TokenLayout
 from .route import Route, RouteError
 from .selection import RoutingGenerator, check_protect, draw_keep
-from .tokens import gather_axes, gather_table, gather_tokens, scatter_tokens, with_prefix
+from .tokens import gather_axes, gather_table, gather_tokens, scatter_tokens, with_context
 
 
 @dataclass
@@ -27,12 +28,12 @@ class DropRun:
     """One route's draw in one forward: which tokens were kept and what the others come back as."""
 
     keep: torch.Tensor  # (B, K) kept routable tokens, ascending
-    index: torch.Tensor | None  # (B, P + K) kept positions in the stream, prefix included; None: keeps all
+    index: torch.Tensor | None  # (B, L - N + K) kept positions in the stream, other tokens included; None: all
     base: torch.Tensor | None  # what skipped tokens come back as (None after the forward ends)
     batch: int
     length: int  # L, full stream length
-    kept_length: int  # P + K
-    num_tokens: int  # N routable tokens
+    kept_length: int  # L - N + K
+    num_tokens: int  # N routable (image) tokens
 
     @property
     def identity(self) -> bool:
@@ -115,7 +116,8 @@ class TokenOperation:
     """Base class of what a route does at its boundaries. Subclasses define ``begin``, ``enter``, ``exit``
     and ``describe``; a run is whatever ``begin`` returns, handed back to ``enter`` and ``exit``."""
 
-    def begin(self, route: Route, stream: torch.Tensor, *, prefix: int, ratio: float, shared: bool) -> Any:
+    def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float, shared: bool) -> Any:
+        """Start a run on ``stream``, whose image tokens ``layout`` places (the others pass untouched)."""
         raise NotImplementedError
 
     def enter(self, run: Any, value: Any, role: str) -> Any:
@@ -155,27 +157,31 @@ class DropTokens(TokenOperation):
         """What the skipped tokens come back as, given the stream at the route's start."""
         raise NotImplementedError
 
-    def begin(self, route: Route, stream: torch.Tensor, *, prefix: int, ratio: float, shared: bool) -> DropRun:
+    def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float,
+              shared: bool) -> DropRun:
         if stream.dim() < 2:
             raise RouteError(f"route {route.start}..{route.end}: the token stream has shape {tuple(stream.shape)}; "
                              "expected (B, L, ...)")
         batch, length = stream.shape[0], stream.shape[1]
-        num_tokens = length - prefix
+        if layout.length != length:
+            raise RouteError(f"route {route.start}..{route.end}: the stream has {length} tokens but its layout was "
+                             f"read for {layout.length}")
+        num_tokens = layout.image
         if num_tokens <= 0:
-            raise RouteError(f"route {route.start}..{route.end}: {length} tokens with {prefix} prefix tokens "
-                             "leave none to route")
+            raise RouteError(f"route {route.start}..{route.end}: {length} tokens with {layout.lead} prefix tokens "
+                             f"leave none to route ({layout.describe()})")
         num_keep = num_tokens - route.num_skip(num_tokens, ratio)
         if num_keep == num_tokens:  # nothing dropped: no draw, no gather, the route runs on the stream as is
             keep = torch.arange(num_tokens, device=stream.device).expand(batch, -1)
             return DropRun(keep, None, None, batch, length, length, num_tokens)
-        routable = stream[:, prefix:] if prefix else stream
+        routable = stream[:, layout.image_slice] if num_tokens != length else stream
         protect = self.protect(routable) if callable(self.protect) else self.protect
         if protect is not None:
             protect = check_protect(protect, batch, num_tokens, num_keep)
         keep = draw_keep(routable, num_keep, self.generator, shared=shared, protect=protect,
                          selector=route.selector)
-        return DropRun(keep, with_prefix(keep, prefix), self.returns(stream), batch, length, prefix + num_keep,
-                       num_tokens)
+        index = with_context(keep, layout.lead, layout.image, length)
+        return DropRun(keep, index, self.returns(stream), batch, length, length - num_tokens + num_keep, num_tokens)
 
     def enter(self, run: DropRun, value: Any, role: str) -> Any:
         """The part of ``value`` that enters the route, by role ('tokens', 'table', 'auto', 'pass')."""

@@ -1,13 +1,25 @@
-"""Find the block stack of a model: the module that calls the blocks (the owner) and the blocks in order."""
+"""Find the block stack of a model: the module that calls the blocks (the owner) and the blocks in the order
+the hidden state flows through them.
+
+The owner is the module whose block containers hold the most parameters. Which of its containers form the
+stack, and in what order, is read from its forward: the loops over containers whose blocks take and give back
+the same variable as the largest container's blocks do (double and single stacks, a refiner of the image
+tokens), in the order the forward runs them. Containers run on another variable (text refiners, VACE blocks,
+caption projections) are left out. Where the forward's source cannot be read, every container is taken in
+registration order, and the first trace checks that order.
+"""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.nn as nn
 
-from .blocks import BlockSpec, spec_for
+from .blocks import BlockSpec, forward_parameters, spec_for
 from .route import RouteError
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
@@ -15,39 +27,166 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 @dataclass
 class BlockStack:
-    """The owner module whose forward runs the blocks, and the blocks in the order it runs them."""
+    """The owner module whose forward runs the blocks, and the blocks in the order it runs them. ``found``
+    says how the stack was chosen (for explain)."""
 
     owner: nn.Module
     owner_path: str
     paths: list[str]  # each block's path relative to the owner, in stack order
     blocks: list[nn.Module]
     specs: list[BlockSpec] = field(default_factory=list)
+    found: str = ""
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    @property
+    def containers(self) -> list[str]:
+        """The owner's children holding the blocks, in stack order (one per stack: double, single)."""
+        return list(dict.fromkeys(path.split(".")[0] for path in self.paths))
 
 
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _stack_of(owner: nn.Module, container_names: Sequence[str] | None) -> tuple[list[str], list[nn.Module]]:
-    """Blocks held by ``owner``'s containers (named, or all of them), plus direct children of the same
-    classes (U-ViT's mid_block), in registration order, which is the order the forward runs them in."""
+def _is_layer(module: nn.Module) -> bool:
+    """One of torch's own leaf layers (Linear, Conv, a norm): a list of them is projections, not a stack,
+    unless the owner holds nothing else."""
+    return type(module).__module__.startswith("torch.nn") and next(module.children(), None) is None
+
+
+def _candidates(owner: nn.Module) -> list[str]:
+    found = [n for n, m in owner.named_children() if isinstance(m, _CONTAINERS) and len(m) > 0
+             and all(_has_params(b) for b in m)]
+    composite = [n for n in found if not all(_is_layer(b) for b in getattr(owner, n))]
+    return composite or found
+
+
+@dataclass
+class _Loop:
+    """A loop (or a direct call) in the owner's forward that runs blocks of ``containers``."""
+
+    line: int
+    containers: list[str]
+    stream: str | None  # the variable the blocks take as their stream and give back; None: not one variable
+
+
+def _forward_tree(owner: nn.Module) -> ast.AST | None:
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(type(owner).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _self_attributes(node: ast.AST) -> list[str]:
+    return [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "self"]
+
+
+def _assigned(target: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+
+def _stream_variable(call: ast.Call, block: nn.Module, shift: int, assigned: set[str]) -> str | None:
+    """The variable passed as the block's stream argument, if the call's result is assigned back to it."""
+    stream = spec_for(block).stream
+    names = [p.name for p in forward_parameters(block)]
+    value = next((k.value for k in call.keywords if k.arg == stream), None)
+    if value is None and stream in names and names.index(stream) + shift < len(call.args):
+        value = call.args[names.index(stream) + shift]
+    return value.id if isinstance(value, ast.Name) and value.id in assigned else None
+
+
+def _block_loops(owner: nn.Module, candidates: list[str], singles: list[str]) -> list[_Loop] | None:
+    """The loops of the owner's forward over ``candidates`` and its direct calls of ``singles``, in source order."""
+    tree = _forward_tree(owner)
+    if tree is None:
+        return None
     children = dict(owner.named_children())
-    if container_names is None:
-        container_names = [n for n, m in children.items() if isinstance(m, _CONTAINERS) and len(m) > 0
-                           and all(_has_params(b) for b in m)]
-    block_classes = {type(b) for n in container_names for b in children[n]}
+    loops = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            containers = [n for n in dict.fromkeys(_self_attributes(node.iter)) if n in candidates]
+            if not containers:
+                continue
+            loop_vars = _assigned(node.target)
+            stream = None
+            for statement in node.body:
+                for assign in ast.walk(statement):
+                    if not isinstance(assign, ast.Assign):
+                        continue
+                    for call in ast.walk(assign.value):
+                        if not isinstance(call, ast.Call):
+                            continue
+                        direct = isinstance(call.func, ast.Name) and call.func.id in loop_vars
+                        wrapped = call.args and isinstance(call.args[0], ast.Name) and call.args[0].id in loop_vars
+                        if direct or wrapped:  # block(...) or checkpoint(block, ...)
+                            block = children[containers[0]][0]
+                            found = _stream_variable(call, block, 0 if direct else 1,
+                                                     set().union(*(_assigned(t) for t in assign.targets)))
+                            stream = stream or found
+            loops.append(_Loop(node.lineno, containers, stream))
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self" \
+                    and func.attr in singles:
+                assigned = set().union(*(_assigned(t) for t in node.targets))
+                loops.append(_Loop(node.lineno, [func.attr],
+                                   _stream_variable(node.value, children[func.attr], 0, assigned)))
+    return sorted(loops, key=lambda loop: loop.line)
+
+
+def _interleave(owner: nn.Module, names: list[str]) -> tuple[list[str], list[nn.Module]]:
+    """Blocks of containers one loop runs together (zip): the i-th of each in turn."""
+    children = dict(owner.named_children())
     paths, blocks = [], []
+    if len(names) == 1 and not isinstance(children[names[0]], _CONTAINERS):
+        return [names[0]], [children[names[0]]]
+    for i in range(max(len(children[n]) for n in names)):
+        for n in names:
+            if i < len(children[n]):
+                paths.append(f"{n}.{i}")
+                blocks.append(children[n][i])
+    return paths, blocks
+
+
+def _stack_of(owner: nn.Module, container_names: Sequence[str] | None) -> tuple[list[str], list[nn.Module], str]:
+    """The owner's blocks in flow order, and how they were found."""
+    children = dict(owner.named_children())
+    named = container_names is not None
+    candidates = list(container_names) if named else _candidates(owner)
+    if not candidates:
+        return [], [], ""
+    block_classes = {type(b) for n in candidates for b in children[n]}
+    singles = [n for n, m in children.items() if n not in candidates and type(m) in block_classes]
+    loops = _block_loops(owner, candidates, singles)
+    main = max(candidates, key=lambda n: sum(p.numel() for p in children[n].parameters()))
+    flow = next((loop.stream for loop in loops or [] if main in loop.containers), None)
+    if loops is not None and flow is not None:
+        chosen = [loop for loop in loops if loop.stream == flow or (named and set(loop.containers) & set(candidates))]
+        seen: set[str] = set()
+        paths, blocks = [], []
+        for loop in chosen:
+            names = [n for n in loop.containers if n not in seen]
+            seen.update(names)
+            more_paths, more_blocks = _interleave(owner, names)
+            paths += more_paths
+            blocks += more_blocks
+        left_out = [n for n in candidates if n not in seen]
+        how = (f"the containers {type(owner).__name__}.forward runs on {flow!r} ({', '.join(dict.fromkeys(p.split('.')[0] for p in paths))})"
+               + (f"; left out {', '.join(left_out)} (run on other variables)" if left_out else ""))
+        if not named or not left_out:
+            return paths, blocks, how
+    paths, blocks = [], []  # the forward cannot be read: registration order, checked by the first trace
     for name, child in children.items():
-        if name in container_names:
+        if name in candidates:
             paths += [f"{name}.{i}" for i in range(len(child))]
             blocks += list(child)
-        elif type(child) in block_classes:
+        elif name in singles:
             paths.append(name)
             blocks.append(child)
-    return paths, blocks
+    return paths, blocks, "every block container in registration order (the forward's loops could not be read)"
 
 
 def find_stack(model: nn.Module, blocks: str | Sequence[str] | None = None) -> BlockStack:
@@ -67,25 +206,25 @@ def find_stack(model: nn.Module, blocks: str | Sequence[str] | None = None) -> B
         for name, module in zip(names, containers):
             if not isinstance(module, _CONTAINERS):
                 raise RouteError(f"blocks: {name} is a {type(module).__name__}, not a ModuleList or Sequential")
-        paths, found = _stack_of(owner, [n.rpartition(".")[2] for n in names])
+        paths, found, how = _stack_of(owner, [n.rpartition(".")[2] for n in names])
+        how = f"named by blocks={names}"
     else:
         best = None
         for owner_path, owner in model.named_modules():
             if isinstance(owner, _CONTAINERS):
                 continue
-            paths, found = _stack_of(owner, None)
-            if len(found) < 2:
-                continue
-            size = sum(p.numel() for b in found for p in b.parameters())
-            if best is None or size > best[0]:
-                best = (size, owner_path, owner, paths, found)
+            candidates = _candidates(owner)
+            size = sum(p.numel() for n in candidates for p in owner.get_submodule(n).parameters())
+            if sum(len(owner.get_submodule(n)) for n in candidates) >= 2 and (best is None or size > best[0]):
+                best = (size, owner_path, owner)
         if best is None:
             raise RouteError(
                 f"no block stack found in {type(model).__name__}: no module holds a ModuleList or Sequential of "
                 "two or more blocks; name it with blocks='path.to.blocks'"
             )
-        _, owner_path, owner, paths, found = best
+        _, owner_path, owner = best
+        paths, found, how = _stack_of(owner, None)
     if len(found) == 0:
         raise RouteError(f"the named block containers of {type(model).__name__} are empty")
     specs = [spec_for(b) for b in found]
-    return BlockStack(owner, owner_path, paths, found, specs)
+    return BlockStack(owner, owner_path, paths, found, specs, how)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def with_prefix(keep: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Shift kept indices past ``prefix`` leading tokens and keep those tokens too: (B, prefix + K)."""
-    if prefix == 0:
+def with_context(keep: torch.Tensor, lead: int, image: int, length: int) -> torch.Tensor:
+    """Kept image-token indices ``keep`` (B, K), counted among the ``image`` tokens after ``lead`` others, as
+    positions in the stream of ``length`` tokens, with every non-image token kept too: (B, length - image + K)."""
+    if lead == 0 and image == length:
         return keep
-    lead = torch.arange(prefix, device=keep.device).expand(keep.shape[0], prefix)
-    return torch.cat([lead, keep + prefix], dim=1)
+    parts = [torch.arange(lead, device=keep.device).expand(keep.shape[0], lead), keep + lead]
+    if lead + image < length:
+        parts.append(torch.arange(lead + image, length, device=keep.device).expand(keep.shape[0], -1))
+    return torch.cat(parts, dim=1)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

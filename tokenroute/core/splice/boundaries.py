@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..layout import TokenLayout
 from ..operations import needs_shared_selection
 from ..plan import Plan
 from ..route import RouteError, check_ratio
@@ -58,12 +59,19 @@ class Boundaries:
         return self.plan.segments[i].route.ratio if ratios is None else ratios[i]
 
     # -- boundaries ----------------------------------------------------------------------------------------
-    def enter(self, i: int, stream: torch.Tensor, values: tuple[Any, ...], roles: list[str]) -> tuple[Any, ...]:
-        """Segment ``i`` starts on ``stream``: begin its operation, pass each entering value through it."""
+    def layout(self, stream: torch.Tensor) -> TokenLayout:
+        """The layout a declared prefix gives, where the splice could not read one from the graph."""
+        length = stream.shape[1] if stream.dim() >= 2 else 0
+        return TokenLayout.declared(length, self.plan.prefix_tokens, self.plan.prefix_declared)
+
+    def enter(self, i: int, stream: torch.Tensor, values: tuple[Any, ...], roles: list[str],
+              layout: TokenLayout | None = None) -> tuple[Any, ...]:
+        """Segment ``i`` starts on ``stream`` laid out as ``layout`` (read from the graph; None: the declared
+        prefix): begin its operation, pass each entering value through it."""
         segment = self.plan.segments[i]
         shared = stream.dim() >= 2 and needs_shared_selection(values, roles, stream.shape[0], stream.shape[1])
-        run = segment.operation.begin(segment.route, stream, prefix=self.plan.prefix_tokens, ratio=self.ratio(i),
-                                      shared=shared)
+        layout = layout if layout is not None else self.layout(stream)
+        run = segment.operation.begin(segment.route, stream, layout=layout, ratio=self.ratio(i), shared=shared)
         self.runs[i] = run
         self.open = i
         return self.reduce(i, values, roles)

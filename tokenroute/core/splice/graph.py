@@ -20,10 +20,12 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..blocks import BlockSpec, bind_arguments, with_stream_output
+from ..layout import TokenLayout
 from ..operations import check_table_group, needs_shared_selection
 from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
+from .layouts import LayoutReader
 from .tracer import ConcreteTracer
 
 ROOT = "owner"
@@ -53,12 +55,12 @@ class _Call(nn.Module):
 class RouteStart(nn.Module):
     """Segment ``index`` starts: its operation begins and reduces the values that enter it."""
 
-    def __init__(self, boundaries: Boundaries, index: int, roles: list[str]):
+    def __init__(self, boundaries: Boundaries, index: int, roles: list[str], layout: TokenLayout):
         super().__init__()
-        self.boundaries, self.index, self.roles = boundaries, index, roles
+        self.boundaries, self.index, self.roles, self.layout = boundaries, index, roles, layout
 
     def forward(self, stream: torch.Tensor, *values: Any) -> tuple[Any, ...]:
-        return self.boundaries.enter(self.index, stream, values, self.roles)
+        return self.boundaries.enter(self.index, stream, values, self.roles, self.layout)
 
 
 class RouteEnd(nn.Module):
@@ -89,6 +91,7 @@ class Boundary:
 
     route: int
     stream: str
+    layout: TokenLayout | None = None
     gathered: list[tuple[str, str]] = field(default_factory=list)  # (value, role)
     passed: list[str] = field(default_factory=list)
     scattered: list[str] = field(default_factory=list)
@@ -114,10 +117,11 @@ def trace(stack: BlockStack, forward: Callable[..., Any], boundaries: Boundaries
                   and any(b is m2 for b in stack.blocks for m2 in m)}
     tracer = ConcreteTracer(traced={call, stack.owner, *containers}, leaves=set(stack.blocks))
     graph = tracer.trace_with(call, tuple(tensors))
-    input_names = _input_names(forward, args, kwargs)
-    for node in graph.nodes:  # name the inputs for explain()
+    input_names, image_input = _input_names(forward, args, kwargs)
+    for node in graph.nodes:  # name the inputs for explain(), mark the image input's tensors
         if node.op == "call_function" and node.target is operator.getitem and node.args[0].op == "placeholder":
             node.meta["label"] = f"input {input_names[node.args[1]]}"
+            node.meta["image_input"] = input_names[node.args[1]].startswith(image_input)
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
     described = splice(module, stack, boundaries)
     for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
@@ -125,8 +129,9 @@ def trace(stack: BlockStack, forward: Callable[..., Any], boundaries: Boundaries
     return TracedForward(module, call, described)
 
 
-def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
-    """Readable names of the call's tensor leaves: the argument's name, with the path inside it."""
+def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[str], str]:
+    """Readable names of the call's tensor leaves (the argument's name, with the path inside it), and the
+    name of the forward's first argument, the image input."""
     import inspect
     from torch.utils._pytree import keystr, tree_flatten_with_path
 
@@ -137,7 +142,7 @@ def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> list
             where, rest = path[0].idx, path[1:]
             head = params[rest[0].idx] if where == 0 and rest[0].idx < len(params) else keystr(rest[:1]).strip("[]'")
             names.append(head + keystr(rest[1:]))
-    return names
+    return names, params[0] if params else ""
 
 
 def describe(node: fx.Node) -> str:
@@ -184,10 +189,21 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
     spec_of = {node: with_stream_output(block_of[node], spec, _concrete(_argument(node, block_of[node], spec.stream)),
                                         node.meta.get("concrete"))
                for node, spec in zip(blocks, stack.specs)}
+    reader = LayoutReader(module, {n: (block_of[n], spec_of[n]) for n in blocks},
+                          {n for n in graph.nodes if n.meta.get("image_input")}, describe)
+    layouts = []  # read from the graph as traced, before any splice changes it
+    for i, segment in enumerate(boundaries.plan.segments):
+        first = blocks[segment.route.start]
+        stream = _argument(first, block_of[first], spec_of[first].stream)
+        if not isinstance(stream, fx.Node):
+            raise RouteError(f"block {segment.route.start} gets no token stream '{spec_of[first].stream}' as a "
+                             "traced value")
+        _refuse_sequence_first(graph, _concrete(stream), i)
+        layouts.append(reader.layout(stream, boundaries.plan, i))
     described = []
     for i, segment in enumerate(boundaries.plan.segments):
         region = _region(graph, blocks[segment.route.start], blocks[segment.route.end])
-        boundary, start = _splice_start(module, boundaries, i, region, spec_of, block_of)
+        boundary, start = _splice_start(module, boundaries, i, region, spec_of, block_of, layouts[i])
         _splice_end(module, boundaries, i, region, spec_of, set(start.users), boundary)
         described.append(boundary)
     for k, stage in enumerate(boundaries.plan.stages):
@@ -209,15 +225,13 @@ def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
 
 
 def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],
-                  spec_of: dict[fx.Node, BlockSpec], block_of: dict[fx.Node, nn.Module]) -> tuple[Boundary, fx.Node]:
+                  spec_of: dict[fx.Node, BlockSpec], block_of: dict[fx.Node, nn.Module],
+                  layout: TokenLayout) -> tuple[Boundary, fx.Node]:
     """Every value made before the route and read inside it enters through one start node; the uses that
     need its tokens (by the role of the argument they feed) read the gathered version."""
     graph, first, inside = module.graph, region[0], set(region)
     stream_name = spec_of[first].stream
-    stream = _argument(first, block_of[first], stream_name)
-    if not isinstance(stream, fx.Node):
-        raise RouteError(f"block {boundaries.plan.routes[i].start} gets no token stream '{stream_name}' as a "
-                         "traced value")
+    stream = _argument(first, block_of[first], stream_name)  # checked to be a traced value when its layout was read
     entering: dict[fx.Node, dict[fx.Node, str]] = {}
     for node in region:
         for source in node.all_input_nodes:
@@ -226,9 +240,6 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
     gather = [(src, uses) for src, uses in entering.items() if any(r != "pass" for r in uses.values())]
     roles = [_merge(uses.values()) for _, uses in gather]
     traced_stream = _concrete(stream)
-    _refuse_sequence_first(graph, traced_stream, i)
-    if not boundaries.plan.prefix_declared:
-        _refuse_joined_stream(stream, traced_stream, i, boundaries)
     for node in region:  # table arguments built from several traced values are checked as one group
         spec = spec_of.get(node)
         if spec is not None:
@@ -236,10 +247,10 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
                 if spec.role(name) == "table" and isinstance(value, (tuple, list)):
                     check_table_group([_concrete(v) for v in value], *traced_stream.shape[:2])
     shared = needs_shared_selection([_concrete(src) for src, _ in gather], roles, *traced_stream.shape[:2])
-    boundary = Boundary(i, describe(stream), shared_selection=shared,
+    boundary = Boundary(i, describe(stream), layout, shared_selection=shared,
                         passed=[describe(src) for src, uses in entering.items() if (src, uses) not in gather])
     with graph.inserting_before(first):
-        module.add_submodule(f"route{i}_start", RouteStart(boundaries, i, roles))
+        module.add_submodule(f"route{i}_start", RouteStart(boundaries, i, roles, layout))
         start = graph.call_module(f"route{i}_start", (stream, *[src for src, _ in gather]))
         for k, ((src, uses), role) in enumerate(zip(gather, roles)):
             got = graph.call_function(operator.getitem, (start, k))
@@ -248,9 +259,6 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
                 if use_role != "pass":
                     user.replace_input_with(src, got)
     return boundary, start
-
-
-_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def _refuse_sequence_first(graph: fx.Graph, traced: torch.Tensor, i: int) -> None:
@@ -264,33 +272,6 @@ def _refuse_sequence_first(graph: fx.Graph, traced: torch.Tensor, i: int) -> Non
             f"the stream entering route {i} has shape {tuple(traced.shape)}: its axis 1 is the batch of the model's "
             f"inputs ({sorted(batches)}), so its tokens lie on axis 0 (sequence first). tokenroute routes streams "
             "laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
-
-
-def _refuse_joined_stream(stream: fx.Node, traced: torch.Tensor, i: int, boundaries: Boundaries) -> None:
-    """A stream concatenated on its token axis from several parts (time, label or class tokens, text) holds
-    tokens that must not be routed, and which of them are image tokens cannot be read from the graph yet:
-    where no prefix count was declared, refuse rather than route all of them."""
-    seen, todo = set(), [stream]
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        value = node.meta.get("concrete")
-        if node.op == "call_function" and node.target in _CONCATENATIONS and isinstance(value, torch.Tensor) \
-                and value.dim() >= 3 and value.shape[1] == traced.shape[1]:
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            parts = node.args[0]
-            if dim in (1, 1 - value.dim()) and isinstance(parts, (list, tuple)) and len(parts) > 1:
-                lengths = [tuple(_concrete(p).shape)[1] if isinstance(_concrete(p), torch.Tensor) else "?"
-                           for p in parts]
-                raise RouteError(
-                    f"the stream entering route {i} ({boundaries.plan.segments[i].method}) was joined on its token "
-                    f"axis from parts of {lengths} tokens ({describe(node)}), and which of them are image tokens "
-                    "cannot be read from the graph yet. Declare the tokens that must never be routed: "
-                    "prefix_tokens=K for K leading ones (time, label, class or text tokens), or prefix_tokens=0 if "
-                    "every token may be routed")
-        todo.extend(n for n in node.all_input_nodes if isinstance(n.meta.get("concrete"), torch.Tensor))
 
 
 def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],

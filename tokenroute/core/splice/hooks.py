@@ -2,7 +2,11 @@
 calls instead of in a graph. The first block of a segment starts it, every later block of the segment
 passes the full-length values it receives (skips made before the segment) through it, the last block's
 stream output leaves it, blocks after the segment send back values made inside it (skips), and a stage
-runs after its block."""
+runs after its block.
+
+Hooks cannot see the forward's graph, so the token layout is the declared prefix; where none is declared and
+the stream entering a route is longer or shorter than the stream the stack's first block received (text
+joined between two stacks), the route is refused rather than routing the joined tokens."""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ import functools
 import weakref
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..blocks import bind_arguments, forward_parameters, with_stream_output
+from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
 
@@ -26,6 +32,7 @@ class HookSplice:
     def __init__(self, stack: BlockStack, boundaries: Boundaries):
         self.stack, self.boundaries = stack, boundaries
         self.active = False
+        self.first_length: int | None = None  # tokens in the stream the stack's first block received
         self.handles: list[Any] = []
         plan = boundaries.plan
         self.made: list[dict[int, weakref.ref]] = [{} for _ in plan.segments]  # outputs made inside each segment
@@ -61,6 +68,10 @@ class HookSplice:
         spec, boundaries = self.stack.specs[position], self.boundaries
         segments = boundaries.plan.segments
         new = bind_arguments(module, args, kwargs)
+        stream = new.get(spec.stream)
+        length = stream.shape[1] if isinstance(stream, torch.Tensor) and stream.dim() >= 2 else None
+        if position == 0:
+            self.first_length = length
         for j, run in enumerate(boundaries.runs):  # values made inside finished segments come back
             if run is None or segments[j].route.end >= position:
                 continue
@@ -70,6 +81,12 @@ class HookSplice:
         i = self.route_of.get(position)
         names = list(new)
         if i is not None and segments[i].route.start == position:
+            if not boundaries.plan.prefix_declared and length != self.first_length:
+                raise RouteError(
+                    f"the stream entering route {i} ({self.stack.paths[position]}) has {length} tokens, the stack's "
+                    f"first block received {self.first_length}: tokens were joined between them, and module hooks "
+                    "cannot read which are image tokens. Declare prefix_tokens=K for the K leading tokens that must "
+                    "never be routed, or let the graph splice read the layout (mechanism='fx')")
             new = dict(zip(names, boundaries.enter(i, new[spec.stream], tuple(new.values()),
                                                    [spec.role(n) for n in names])))
         elif i is not None:  # values made before the segment enter it

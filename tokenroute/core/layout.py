@@ -1,0 +1,60 @@
+"""Where the image tokens sit in a route's stream, and where each fact came from.
+
+A stream entering a route may hold tokens that must never be routed beside the image tokens: time, label,
+class or register tokens before them, text joined before or after them. The graph splice reads the layout
+from the model's graph (a concatenation on the token axis says where the other tokens sit; the patch
+embedding gives the grid); what cannot be read is declared (``prefix_tokens``), and where neither is
+certain the route is refused. Every method that needs the image tokens (routing, local attention, token
+density) reads them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .route import RouteError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A stream of ``length`` tokens: ``lead`` non-image tokens, then ``image`` image tokens, then the rest
+    (``trail``). ``grid``: the image tokens' grid, row-major ((H, W), or (F, H, W) for video), None where it
+    is not known. ``sources``: fact -> where it came from, for explain."""
+
+    length: int
+    lead: int
+    image: int
+    grid: tuple[int, ...] | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.lead < 0 or self.image < 0 or self.lead + self.image > self.length:
+            raise RouteError(f"a token layout of {self.lead} leading and {self.image} image tokens does not fit a "
+                             f"stream of {self.length} tokens")
+
+    @property
+    def trail(self) -> int:
+        return self.length - self.lead - self.image
+
+    @property
+    def image_slice(self) -> slice:
+        return slice(self.lead, self.lead + self.image)
+
+    @classmethod
+    def declared(cls, length: int, prefix: int, declared: bool) -> "TokenLayout":
+        """The layout a declared (or assumed) prefix count gives: ``prefix`` leading tokens, the rest image."""
+        source = f"declared prefix_tokens={prefix}" if declared else "assumed: no prefix declared"
+        lead = min(prefix, length)
+        return cls(length, lead, length - lead, None, {"image tokens": source})
+
+    def describe(self) -> str:
+        parts = [f"{self.length} tokens"]
+        if self.lead or self.trail:
+            parts.append(f"image tokens {self.lead}..{self.lead + self.image - 1}"
+                         + (f" after {self.lead} others" if self.lead else "")
+                         + (f", {self.trail} after them" if self.trail else ""))
+        else:
+            parts.append("all image tokens")
+        parts.append(f"grid {'x'.join(map(str, self.grid))}" if self.grid else "grid unknown")
+        facts = "; ".join(f"{fact}: {source}" for fact, source in self.sources.items())
+        return ", ".join(parts) + (f" ({facts})" if facts else "")

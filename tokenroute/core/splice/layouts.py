@@ -1,0 +1,156 @@
+"""Read a route's token layout from the traced graph: where the image tokens sit in the stream entering it,
+and their grid.
+
+The image tokens are those that come from the model's image input (the first argument of the owner's forward)
+through the stream outputs of the blocks. Walking back from the stream along the values of the same length,
+a concatenation on the token axis says where the other tokens (time, label, class, register, text) sit: the
+one part that carries image tokens holds them. The patch embedding (a convolution whose output has as many
+positions as there are image tokens) gives the grid. Where the graph does not say, the declared prefix
+decides, and where nothing is declared the route is refused: never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks import BlockSpec, bind_arguments
+from ..layout import TokenLayout
+from ..plan import Plan
+from ..route import RouteError
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+_CONVOLUTIONS = (F.conv2d, F.conv3d)
+
+
+class _Unreadable(Exception):
+    """The graph does not say where the image tokens are; the message says why."""
+
+
+def _length(node: Any) -> int | None:
+    value = node.meta.get("concrete") if isinstance(node, fx.Node) else None
+    return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() >= 2 else None
+
+
+class LayoutReader:
+    """Reads layouts from one traced graph. ``blocks``: block node -> (module, spec with its stream output);
+    ``image_inputs``: the graph's nodes for the image input's tensors."""
+
+    def __init__(self, module: fx.GraphModule, blocks: dict[fx.Node, tuple[nn.Module, BlockSpec]],
+                 image_inputs: set[fx.Node], describe: Any):
+        self.module, self.blocks, self.describe = module, blocks, describe
+        self.carries = self._carries(module.graph, image_inputs)
+
+    def _stream_argument(self, block_node: fx.Node) -> Any:
+        block, spec = self.blocks[block_node]
+        return bind_arguments(block, block_node.args, dict(block_node.kwargs)).get(spec.stream)
+
+    def _block_stream(self, node: fx.Node) -> fx.Node | None | bool:
+        """For a block's output (or an item of it): the block's stream argument if it is the stream output,
+        False if it is another output (text), None if ``node`` is not a block output."""
+        if node in self.blocks:
+            return self._stream_argument(node) if self.blocks[node][1].stream_output is None else None
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.blocks:
+            if self.blocks[node.args[0]][1].stream_output == node.args[1]:
+                return self._stream_argument(node.args[0])
+            return False
+        return None
+
+    def _carries(self, graph: fx.Graph, image_inputs: set[fx.Node]) -> dict[fx.Node, bool]:
+        """Which values carry image tokens: the image input, the stream outputs of blocks fed one, and what is
+        computed from them outside the blocks (a block's other outputs, text, do not)."""
+        carries: dict[fx.Node, bool] = {}
+        for node in graph.nodes:
+            through = self._block_stream(node)
+            if node in image_inputs:
+                carries[node] = True
+            elif through is False:
+                carries[node] = False
+            elif isinstance(through, fx.Node):
+                carries[node] = carries.get(through, False)
+            else:
+                carries[node] = any(carries.get(n, False) for n in node.all_input_nodes)
+        return carries
+
+    def span(self, node: fx.Node) -> tuple[int, int, fx.Node, list[str]]:
+        """(lead, image tokens, the node they start from, how) in ``node``'s tokens."""
+        length = _length(node)
+        how: list[str] = []
+        while True:
+            if node.op == "call_function" and node.target in _CONCATENATIONS:
+                value = node.meta["concrete"]
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+                parts = node.args[0] if node.args else node.kwargs.get("tensors")
+                if dim in (1, 1 - value.dim()) and isinstance(parts, (list, tuple)) and len(parts) > 1:
+                    lengths = [_length(p) for p in parts]
+                    image = [k for k, p in enumerate(parts) if isinstance(p, fx.Node) and self.carries.get(p)]
+                    if len(image) != 1 or None in lengths:
+                        raise _Unreadable(f"{self.describe(node)} joins parts of {lengths} tokens on the token axis "
+                                          f"and {len(image)} of them carry image tokens")
+                    k = image[0]
+                    lead, count, source, inner = self.span(parts[k])
+                    how.append(f"{self.describe(node)} joins parts of {lengths} tokens, part {k} from the image input")
+                    return sum(lengths[:k]) + lead, count, source, how + inner
+            through = self._block_stream(node)
+            if isinstance(through, fx.Node) and _length(through) == length:
+                node = through
+                continue
+            same = [n for n in node.all_input_nodes if self.carries.get(n) and _length(n) == length]
+            if not same:
+                return 0, length, node, how
+            if len(same) == 1:
+                node = same[0]
+                continue
+            spans = {self.span(n)[:2] for n in same}
+            if len(spans) == 1:
+                lead, count, source, inner = self.span(same[0])
+                return lead, count, source, how + inner
+            raise _Unreadable(f"{self.describe(node)} combines values with different layouts {sorted(spans)}")
+
+    def grid(self, source: fx.Node, count: int) -> tuple[tuple[int, ...], str] | None:
+        """The grid of ``count`` image tokens made at ``source``: a convolution upstream (the patch embedding)
+        whose output has ``count`` positions."""
+        seen, todo = set(), [source]
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            conv = (node.op == "call_module" and isinstance(self.module.get_submodule(node.target), (nn.Conv2d, nn.Conv3d))) \
+                or (node.op == "call_function" and node.target in _CONVOLUTIONS)
+            value = node.meta.get("concrete")
+            if conv and isinstance(value, torch.Tensor) and math.prod(value.shape[2:]) == count:
+                return tuple(value.shape[2:]), f"the patch embedding {self.describe(node)}"
+            todo.extend(n for n in node.all_input_nodes if self.carries.get(n))
+        return None
+
+    def layout(self, stream: fx.Node, plan: Plan, route: int) -> TokenLayout:
+        """The layout of the stream entering segment ``route``: read from the graph, checked against a
+        declared prefix; the declared prefix where the graph does not say; refused where neither does."""
+        length = _length(stream)
+        try:
+            lead, count, source, how = self.span(stream)
+        except _Unreadable as why:
+            if plan.prefix_declared:
+                return TokenLayout.declared(length, plan.prefix_tokens, True)
+            raise RouteError(
+                f"the stream entering route {route} ({plan.segments[route].method}) has {length} tokens, and which "
+                f"of them are image tokens cannot be read from the graph: {why}. Declare the tokens that must never "
+                "be routed: prefix_tokens=K for K leading ones (time, label, class or text tokens), or "
+                "prefix_tokens=0 if every token may be routed") from None
+        if plan.prefix_declared and (lead, count) != (plan.prefix_tokens, length - plan.prefix_tokens):
+            raise RouteError(
+                f"prefix_tokens={plan.prefix_tokens} is declared, but the graph shows the stream entering route "
+                f"{route} with its {count} image tokens after {lead} others and before {length - lead - count} "
+                f"more ({'; '.join(how)}). Drop the declaration (tokenroute reads the layout) or correct it")
+        grid = self.grid(source, count)
+        sources = {"image tokens": "; ".join(how) if how else f"all {length} tokens come from the image input"}
+        if grid is not None:
+            sources["grid"] = grid[1]
+        return TokenLayout(length, lead, count, grid[0] if grid else None, sources)
