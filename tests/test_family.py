@@ -90,13 +90,13 @@ def check(case: Case) -> dict:
     if case.refuses is not None:
         with pytest.raises(RouteError, match=case.refuses):
             stack = tokenroute.core.find_stack(model, case.blocks)
-            tokenroute.wrap(model, middle_routes(stack), seed=0, blocks=case.blocks)
+            tokenroute.wrap(model, middle_routes(stack), seed=0, blocks=case.blocks, prefix_tokens=case.prefix_tokens)
             forward(model.train(), inputs)
         return {"status": "refused", "why": case.refuses}
     stack = tokenroute.core.find_stack(model, case.blocks)
     routes = middle_routes(stack)
     paths = [f"{stack.owner_path}.{p}" if stack.owner_path else p for p in stack.paths]
-    tokenroute.wrap(model, routes, seed=0, blocks=case.blocks)
+    tokenroute.wrap(model, routes, seed=0, blocks=case.blocks, prefix_tokens=case.prefix_tokens)
 
     plain.eval(), model.eval()
     with torch.no_grad():
@@ -116,7 +116,7 @@ def check(case: Case) -> dict:
     for route in routes:  # one route at a time: the stream entering it is then the unwrapped one, reduced
         start = route[0]
         tokenroute.unwrap(model)
-        tokenroute.wrap(model, [route], seed=0, blocks=case.blocks)
+        tokenroute.wrap(model, [route], seed=0, blocks=case.blocks, prefix_tokens=case.prefix_tokens)
         routed, handles = capture_streams(model, paths, [start], case.stream)
         forward(model, inputs)
         for h in handles:

@@ -22,6 +22,8 @@ class Case:
     image: per block container (its name on the owner), the positions of the image tokens in the stream its
         blocks receive, as read from the model's code; containers not named hold image tokens only.
     blocks: the ``blocks=`` a user must give (a model with two candidate stacks); None: the one-line wrap.
+    prefix_tokens: the declaration a user must give where the forward cannot be traced (so its token layout
+        cannot be read): 0 when every token of the stream is an image token.
     refuses: a pattern of the RouteError expected where routing the class cannot be made correct.
     stream: the block argument that carries the image stream (for the hooks that check it from outside).
     """
@@ -29,6 +31,7 @@ class Case:
     build: Callable[[], tuple[nn.Module, dict[str, Any]]]
     image: dict[str, slice] = field(default_factory=dict)
     blocks: tuple[str, ...] | None = None
+    prefix_tokens: int | None = None
     refuses: str | None = None
     stream: str = "hidden_states"
     note: str = ""

@@ -37,12 +37,13 @@ def transformer_2d():
 
 
 def sd3():
-    # test_models_transformer_sd3.py (SD3, 4 joint layers as in the test)
+    # test_models_transformer_sd3.py (SD3, 4 joint layers as in the test); inputs shrunk from 32x32 latents and
+    # 154 text tokens to 16x16 and 32, to keep the case fast
     model = diffusers.SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=4,
                                             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                             joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
                                             pos_embed_max_size=96, dual_attention_layers=(), qk_norm=None)
-    return model, dict(hidden_states=torch.randn(B, 4, 32, 32), encoder_hidden_states=torch.randn(B, 154, 32),
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 16), encoder_hidden_states=torch.randn(B, 32, 32),
                        pooled_projections=torch.randn(B, 64), timestep=torch.randint(0, 1000, (B,)))
 
 
@@ -97,16 +98,17 @@ def sana():
                        timestep=torch.randint(0, 1000, (B,)))
 
 
-AURA_REGISTERS, AURA_TEXT = 8, 256  # register tokens (8, fixed in __init__) are prepended to the text tokens
+AURA_REGISTERS, AURA_TEXT = 8, 32  # register tokens (8, fixed in __init__) are prepended to the text tokens
 
 
 def aura_flow():
-    # test_models_transformer_aura_flow.py (1 joint + 1 single layer -> 3 + 3)
+    # test_models_transformer_aura_flow.py (1 joint + 1 single layer -> 3 + 3); inputs shrunk from 32x32 latents
+    # and 256 text tokens to 16x16 and 32
     model = diffusers.AuraFlowTransformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=3,
                                                  num_single_dit_layers=3, attention_head_dim=8, num_attention_heads=4,
                                                  caption_projection_dim=32, joint_attention_dim=32, out_channels=4,
                                                  pos_embed_max_size=256)
-    return model, dict(hidden_states=torch.randn(B, 4, 32, 32), encoder_hidden_states=torch.randn(B, AURA_TEXT, 32),
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 16), encoder_hidden_states=torch.randn(B, AURA_TEXT, 32),
                        timestep=torch.randint(0, 1000, (B,)))
 
 

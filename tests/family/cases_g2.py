@@ -83,7 +83,7 @@ def easyanimate():
                                                     sample_height=60, sample_width=90, text_embed_dim=16,
                                                     time_embed_dim=8, time_position_encoding_type="3d_rope",
                                                     timestep_activation_fn="silu")
-    return model, dict(hidden_states=torch.randn(B, 4, 2, 8, 8), timestep=torch.tensor([3, 500]),
+    return model, dict(hidden_states=torch.randn(B, 4, 2, 16, 16), timestep=torch.tensor([3, 500]),
                        encoder_hidden_states=torch.randn(B, 16, 16))
 
 
@@ -92,7 +92,7 @@ def mochi():
                                               pooled_projection_dim=16, in_channels=4, out_channels=None,
                                               qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
                                               activation_fn="swiglu", max_sequence_length=16)
-    return model, dict(hidden_states=torch.randn(B, 4, 2, 8, 8), encoder_hidden_states=torch.randn(B, 16, 16),
+    return model, dict(hidden_states=torch.randn(B, 4, 2, 16, 16), encoder_hidden_states=torch.randn(B, 16, 16),
                        timestep=torch.tensor([3, 500]),
                        encoder_attention_mask=torch.ones(B, 16, dtype=torch.bool))
 
@@ -102,8 +102,11 @@ CASES = {
     "ConsisIDTransformer3DModel": Case(consisid),
     "CogView3PlusTransformer2DModel": Case(cogview3plus),
     "CogView4Transformer2DModel": Case(cogview4),
-    "LatteTransformer3DModel": Case(latte),
+    "LatteTransformer3DModel": Case(latte, note="3 frames (its test has 1, where the temporal blocks see one "
+                                                "token); spatial (B*F, HW, D) and temporal (B*HW, F, D) blocks "
+                                                "alternate with reshapes between them"),
     "AllegroTransformer3DModel": Case(allegro),
     "EasyAnimateTransformer3DModel": Case(easyanimate),
-    "MochiTransformer3DModel": Case(mochi),
+    "MochiTransformer3DModel": Case(mochi, note="its attention processor calls torch.nonzero on the text mask "
+                                                "inside the blocks: not traceable on fake tensors, hooks fallback"),
 }

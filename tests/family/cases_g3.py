@@ -99,14 +99,17 @@ CASES = {
     # single blocks run on cat([text, image]) (the forward joins them before the single stack)
     "Flux2Transformer2DModel": Case(flux2, image={"single_transformer_blocks": slice(TEXT, None)}),
     # joint blocks take text apart and run on cat([image, reference image]); per-token modulation (B, L, 3D)
-    "Flux3Transformer2DModel": Case(flux3, image={"single_transformer_blocks": slice(0, 16)}),
+    "Flux3Transformer2DModel": Case(flux3, image={"single_transformer_blocks": slice(0, 16)},
+                                    note="no diffusers test; with num_layers == num_single_layers the text stack "
+                                         "txt_mode_blocks ties in parameters and is taken as the stack"),
     "ChromaTransformer2DModel": Case(chroma, image={"single_transformer_blocks": slice(TEXT, None)}),
     # single blocks take text apart and join it inside the block
     "BriaTransformer2DModel": Case(bria),
     # the forward joins text before each single block (its text refreshed from the block's text-encoder layer)
     "BriaFiboTransformer2DModel": Case(bria_fibo, image={"single_transformer_blocks": slice(32, None)}),
     # refiner on cat([image, context]); main layers on cat([gist, image, context])
-    "BriaFibo2Transformer2DModel": Case(bria_fibo2, image={"noise_refiner": slice(0, 16), "layers": slice(4, 20)}),
+    "BriaFibo2Transformer2DModel": Case(bria_fibo2, image={"noise_refiner": slice(0, 16), "layers": slice(4, 20)},
+                                        note="no diffusers test: the smallest configuration of the signature"),
     "LongCatImageTransformer2DModel": Case(longcat_image),
     "OvisImageTransformer2DModel": Case(ovis_image),
 }

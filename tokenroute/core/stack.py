@@ -104,10 +104,18 @@ def _block_loops(owner: nn.Module, candidates: list[str], singles: list[str]) ->
     if tree is None:
         return None
     children = dict(owner.named_children())
+    aliases = {}  # local names bound to a container: `blocks = self.blocks` (or a slice of it)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            held = [n for n in _self_attributes(node.value) if n in candidates]
+            if len(held) == 1 and not isinstance(node.value, ast.Call):
+                aliases[node.targets[0].id] = held[0]
     loops = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.For, ast.AsyncFor)):
-            containers = [n for n in dict.fromkeys(_self_attributes(node.iter)) if n in candidates]
+            named = _self_attributes(node.iter) + [aliases[n.id] for n in ast.walk(node.iter)
+                                                   if isinstance(n, ast.Name) and n.id in aliases]
+            containers = [n for n in dict.fromkeys(named) if n in candidates]
             if not containers:
                 continue
             loop_vars = _assigned(node.target)
@@ -137,6 +145,37 @@ def _block_loops(owner: nn.Module, candidates: list[str], singles: list[str]) ->
     return sorted(loops, key=lambda loop: loop.line)
 
 
+def _flow_variables(owner: nn.Module, main: str) -> set[str]:
+    """The variables the image flows through on its way to ``main`` (the largest container's stream): those
+    computed from the forward's first argument (the image input) from which ``main`` is computed, by the
+    forward's assignments (a joined ``combined = cat([text, hidden_states])`` for a single stack)."""
+    tree = _forward_tree(owner)
+    function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if function is None or len(function.args.args) < 2:
+        return {main}
+    edges: list[tuple[set[str], set[str]]] = []  # (variables read, variables assigned)
+    for node in ast.walk(function):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if len(targets) == 1 and isinstance(targets[0], ast.Name):  # a tuple unpacked from a call that
+                edges.append(({n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)},  # reads several
+                              {targets[0].id}))  # inputs does not say which output came from which
+
+    def closure(start: set[str], forward: bool) -> set[str]:
+        found, changed = set(start), True
+        while changed:
+            changed = False
+            for read, assigned in edges:
+                source, target = (read, assigned) if forward else (assigned, read)
+                if source & found and not target <= found:
+                    found |= target
+                    changed = True
+        return found
+
+    image = function.args.args[1].arg
+    return (closure({image}, True) & closure({main}, False)) | {main}
+
+
 def _interleave(owner: nn.Module, names: list[str]) -> tuple[list[str], list[nn.Module]]:
     """Blocks of containers one loop runs together (zip): the i-th of each in turn."""
     children = dict(owner.named_children())
@@ -164,11 +203,15 @@ def _stack_of(owner: nn.Module, container_names: Sequence[str] | None) -> tuple[
     main = max(candidates, key=lambda n: sum(p.numel() for p in children[n].parameters()))
     flow = next((loop.stream for loop in loops or [] if main in loop.containers), None)
     if loops is not None and flow is not None:
-        chosen = [loop for loop in loops if loop.stream == flow or (named and set(loop.containers) & set(candidates))]
+        variables = _flow_variables(owner, flow)
+        chosen = [loop for loop in loops if loop.stream in variables
+                  or (named and set(loop.containers) & set(candidates))]
         seen: set[str] = set()
         paths, blocks = [], []
-        for loop in chosen:
+        for loop in chosen:  # a container looped over twice (a gradient-checkpointing branch) counts once
             names = [n for n in loop.containers if n not in seen]
+            if not names:
+                continue
             seen.update(names)
             more_paths, more_blocks = _interleave(owner, names)
             paths += more_paths

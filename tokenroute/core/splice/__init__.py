@@ -214,10 +214,17 @@ class Splice:
         except RouteError:
             raise
         except Exception as err:  # untraceable forward: fall back to hooks, with the same semantics
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                self.original(*args, **kwargs)  # the model's own error on bad input surfaces here
             if self.requested == "fx":
+                with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                    self.original(*args, **kwargs)  # the model's own error on bad input surfaces here
                 raise RouteError(f"torch.fx could not trace {type(self.stack.owner).__name__}.forward: {err}") from err
+            if not self.boundaries.plan.prefix_declared and self.boundaries.plan.segments:
+                raise RouteError(
+                    f"torch.fx could not trace {type(self.stack.owner).__name__}.forward ({type(err).__name__}: "
+                    f"{err}), so the token layout (which tokens of the stream are image tokens) cannot be read from "
+                    "its graph. Declare it and tokenroute routes with module hooks instead: prefix_tokens=K for K "
+                    "leading tokens that must never be routed, prefix_tokens=0 if every token of the stream is an "
+                    "image token") from err
             self.fallback_reason = f"{type(err).__name__}: {err}"
             self.mechanism = "hooks"
             self.hooks.install()
@@ -243,4 +250,9 @@ class Splice:
         else:
             why = f" (tracing failed: {self.fallback_reason})" if self.fallback_reason else ""
             lines.append(f"  mechanism: module hooks on the blocks{why}")
+            plan = self.boundaries.plan
+            lines.append(f"  layout: {plan.prefix_tokens} leading tokens never routed ("
+                         + ("declared" if plan.prefix_declared else "assumed: hooks cannot read the graph; a stream "
+                            "joined between the stack's first block and a route is refused")
+                         + "), the rest image tokens")
         return lines

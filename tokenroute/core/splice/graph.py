@@ -198,7 +198,7 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
         if not isinstance(stream, fx.Node):
             raise RouteError(f"block {segment.route.start} gets no token stream '{spec_of[first].stream}' as a "
                              "traced value")
-        _refuse_sequence_first(graph, _concrete(stream), i)
+        _refuse_sequence_first(graph, stream, i)
         layouts.append(reader.layout(stream, boundaries.plan, i))
     described = []
     for i, segment in enumerate(boundaries.plan.segments):
@@ -261,17 +261,42 @@ def _splice_start(module: fx.GraphModule, boundaries: Boundaries, i: int, region
     return boundary, start
 
 
-def _refuse_sequence_first(graph: fx.Graph, traced: torch.Tensor, i: int) -> None:
+def _swaps_first_axes(node: fx.Node) -> bool:
+    """A transpose or permute that exchanges axes 0 and 1."""
+    if node.op == "call_method" and node.target in ("transpose", "swapaxes"):
+        dims = set(node.args[1:3])
+    elif node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes):
+        dims = set(node.args[1:3])
+    elif node.op == "call_method" and node.target == "permute" or node.op == "call_function" and node.target is torch.permute:
+        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return len(order) >= 2 and tuple(order[:2]) == (1, 0)
+    else:
+        return False
+    return dims == {0, 1}
+
+
+def _refuse_sequence_first(graph: fx.Graph, stream: fx.Node, i: int) -> None:
     """A stream laid out (L, B, D), tokens first, would have its batch axis routed: refuse it. Read from the
-    batch sizes of the forward's image, video and token inputs (3-D and more; id tables and timesteps have
-    other leading sizes): the stream's axis 1, not its axis 0, carries one of them."""
+    graph: the stream (through the blocks and the values of its shape) comes from a transpose of axes 0 and 1
+    of a tensor whose axis 0 is the batch of the model's image, video or token inputs (3-D and more)."""
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim() >= 3}
-    if traced.dim() >= 3 and traced.shape[0] not in batches and traced.shape[1] in batches:
-        raise RouteError(
-            f"the stream entering route {i} has shape {tuple(traced.shape)}: its axis 1 is the batch of the model's "
-            f"inputs ({sorted(batches)}), so its tokens lie on axis 0 (sequence first). tokenroute routes streams "
-            "laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
+    traced = _concrete(stream)
+    seen, todo = set(), [stream]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _swaps_first_axes(node) and isinstance(_concrete(node.args[0]), torch.Tensor) \
+                and _concrete(node.args[0]).shape[0] in batches:
+            raise RouteError(
+                f"the stream entering route {i} has shape {tuple(traced.shape)} and comes from {describe(node)}, a "
+                f"transpose of a batch-first tensor: its tokens lie on axis 0 (sequence first). tokenroute routes "
+                "streams laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
+        todo.extend(n for n in node.all_input_nodes
+                    if isinstance(_concrete(n), torch.Tensor) and _concrete(n).shape == traced.shape
+                    or isinstance(_concrete(n), (tuple, list)))
 
 
 def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],

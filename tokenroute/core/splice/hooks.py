@@ -48,7 +48,7 @@ class HookSplice:
     def install(self) -> None:
         for position, block in enumerate(self.stack.blocks):
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._pre_hook, position),
-                                                                with_kwargs=True))
+                                                                with_kwargs=True, prepend=True))
             if position in self.route_of or position in self.stage_of:
                 self.handles.append(block.register_forward_hook(functools.partial(self._post_hook, position),
                                                                 with_kwargs=True))

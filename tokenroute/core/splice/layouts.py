@@ -56,7 +56,8 @@ class LayoutReader:
         False if it is another output (text), None if ``node`` is not a block output."""
         if node in self.blocks:
             return self._stream_argument(node) if self.blocks[node][1].stream_output is None else None
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.blocks:
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.blocks \
+                and self.blocks[node.args[0]][1].stream_output is not None:  # an item of a tuple output
             if self.blocks[node.args[0]][1].stream_output == node.args[1]:
                 return self._stream_argument(node.args[0])
             return False
