@@ -49,8 +49,13 @@ def middle_routes(stack) -> list[tuple[int, int, float]]:
 
 
 def forward(model, inputs, seed: int = 0) -> torch.Tensor:
+    """The model's prediction, flattened into one tensor where it returns one per sample (a list)."""
     torch.manual_seed(seed)  # some models drop labels or add noise in training
-    return output_tensor(model(**inputs))
+    out = model(**inputs)
+    sample = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+    if isinstance(sample, (list, tuple)):
+        return torch.cat([s.flatten() for s in sample])
+    return output_tensor(out)
 
 
 def capture_streams(model, stack_paths, positions, stream_name):
@@ -88,11 +93,11 @@ def check(case: Case) -> dict:
     model, inputs = build(case)
     plain = copy.deepcopy(model)
     if case.refuses is not None:
-        with pytest.raises(RouteError, match=case.refuses):
+        with pytest.raises(RouteError, match=case.refuses) as refused:
             stack = tokenroute.core.find_stack(model, case.blocks)
             tokenroute.wrap(model, middle_routes(stack), seed=0, blocks=case.blocks, prefix_tokens=case.prefix_tokens)
             forward(model.train(), inputs)
-        return {"status": "refused", "why": case.refuses}
+        return {"status": "refused", "why": str(refused.value).split(". ")[0][:240]}
     stack = tokenroute.core.find_stack(model, case.blocks)
     routes = middle_routes(stack)
     paths = [f"{stack.owner_path}.{p}" if stack.owner_path else p for p in stack.paths]
@@ -135,6 +140,7 @@ def check(case: Case) -> dict:
     return {"status": "routes", "stack": stack.containers, "found": stack.found, "routes": routes, "layouts": layouts}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(reason=case.known_failure, strict=True))
+                                  if case.known_failure else name for name, case in sorted(CASES.items())])
 def test_one_line_wrap(name):
     check(CASES[name])

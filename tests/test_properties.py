@@ -387,14 +387,19 @@ class _ValueBranching(ToyTransformer):
 
 
 def test_untraceable_forward_falls_back_to_hooks_with_the_same_routing():
+    """An untraceable forward's layout cannot be read: refused until declared, then routed with hooks."""
     x, c = torch.randn(2, 10, 3), torch.randn(2, 8)
     model = randomize(_ValueBranching(depth=6))
     reference = copy.deepcopy(model)
-    tokenroute.wrap(model, [(1, 3, 0.5)], seed=4)
+    undeclared = tokenroute.wrap(copy.deepcopy(model), [(1, 3, 0.5)], seed=4)
+    with pytest.raises(tokenroute.RouteError, match=r"could not trace .* Declare it .*prefix_tokens=0 if every token"):
+        undeclared.train()(x, c)
+    tokenroute.wrap(model, [(1, 3, 0.5)], seed=4, prefix_tokens=0)
     tokenroute.wrap(reference, [(1, 3, 0.5)], seed=4, mechanism="hooks")
     torch.testing.assert_close(model(x, c), reference(x, c), rtol=0, atol=1e-6)
     assert torch.equal(tokenroute.routing_masks(model)[0], tokenroute.routing_masks(reference)[0])
     assert "module hooks on the blocks (tracing failed: TraceError" in tokenroute.explain(model)
+    assert "0 leading tokens never routed (declared)" in tokenroute.explain(model)
     strict = tokenroute.wrap(randomize(_ValueBranching(depth=6)), [(1, 3, 0.5)], mechanism="fx")
     with pytest.raises(tokenroute.RouteError, match="could not trace"):
         strict(x, c)

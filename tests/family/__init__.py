@@ -6,6 +6,7 @@ A group module (``cases_*.py``) defines ``CASES: dict[str, Case]``, keyed by the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ class Case:
     prefix_tokens: the declaration a user must give where the forward cannot be traced (so its token layout
         cannot be read): 0 when every token of the stream is an image token.
     refuses: a pattern of the RouteError expected where routing the class cannot be made correct.
+    known_failure: why the class does not route correctly yet (the test is expected to fail, strictly: a fix
+        shows up as an unexpected pass); the backbone table lists it.
     stream: the block argument that carries the image stream (for the hooks that check it from outside).
     """
 
@@ -33,6 +36,7 @@ class Case:
     blocks: tuple[str, ...] | None = None
     prefix_tokens: int | None = None
     refuses: str | None = None
+    known_failure: str | None = None
     stream: str = "hidden_states"
     note: str = ""
 
@@ -45,4 +49,12 @@ def all_cases() -> dict[str, Case]:
             for name, case in module.CASES.items():
                 assert name not in cases, f"{name} is defined twice"
                 cases[name] = case
+    from .verdicts import DECLARATIONS, KNOWN_FAILURES, REFUSED
+
+    for name, declared in DECLARATIONS.items():
+        cases[name] = dataclasses.replace(cases[name], **declared)
+    for name, pattern in REFUSED.items():
+        cases[name] = dataclasses.replace(cases[name], refuses=pattern)
+    for name, why in KNOWN_FAILURES.items():
+        cases[name] = dataclasses.replace(cases[name], known_failure=why)
     return cases

@@ -48,8 +48,8 @@ def zimage():
                                                n_layers=3, n_refiner_layers=1, n_heads=1, n_kv_heads=2, qk_norm=True,
                                                cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
                                                axes_lens=[256, 32, 32])
-    return model, dict(x=[torch.randn(16, 1, 16, 16) for _ in range(B)], cap_feats=[torch.randn(16, 16) for _ in range(B)],
-                       t=torch.tensor([0.3, 0.6]))
+    return model, dict(x=[torch.randn(16, 1, 16, 16) for _ in range(B)],
+                       cap_feats=[torch.randn(16, 16) for _ in range(B)], t=torch.tensor([0.3, 0.6]))
 
 
 OMNIGEN_PREFIX = 24 + 1  # condition tokens (text ids, an input image's tokens spliced in) and the time token
@@ -172,17 +172,31 @@ def joyimage_edit_plus():
 
 CASES = {
     "QwenImageTransformer2DModel": Case(qwenimage),
-    "QwenImage21Transformer2DModel": Case(qwenimage21,
-                                          image={"transformer_blocks": slice(QWEN21_TEXT, None)}),
-    "ZImageTransformer2DModel": Case(zimage,
-                                     image={"layers": slice(0, ZIMAGE_IMAGE), "context_refiner": slice(0, 0)}),
-    "OmniGenTransformer2DModel": Case(omnigen, image={"layers": slice(OMNIGEN_PREFIX, None)}),
-    "GlmImageTransformer2DModel": Case(glm_image),
-    "ErnieImageTransformer2DModel": Case(ernie_image, image={"layers": slice(0, ERNIE_IMAGE)}),
-    "PRXTransformer2DModel": Case(prx),
-    "NucleusMoEImageTransformer2DModel": Case(nucleusmoe_image),
-    "Ideogram4Transformer2DModel": Case(ideogram4, image={"layers": slice(IDEOGRAM_TEXT, None)}),
-    "JoyImageEditTransformer3DModel": Case(joyimage_edit),
-    "JoyImageEditPlusTransformer3DModel": Case(joyimage_edit_plus,
-                                               image={"double_blocks": slice(0, JOY_PLUS_TARGET)}),
+    "QwenImage21Transformer2DModel": Case(
+        qwenimage21, image={"transformer_blocks": slice(QWEN21_TEXT, None)},
+        note="no diffusers test; one joint stream [text, target image] built with repeat_interleave on a tensor "
+             "(untraceable); modulation has batch+1 rows (causal_condition's t=0 row for text/condition tokens)"),
+    "ZImageTransformer2DModel": Case(
+        zimage, image={"layers": slice(0, ZIMAGE_IMAGE), "context_refiner": slice(0, 0)},
+        note="main stack `layers` on [image, caption] joined per sample in a Python loop; noise_refiner (image) "
+             "and context_refiner (caption) are separate stacks; output .sample is a list of per-sample tensors"),
+    "OmniGenTransformer2DModel": Case(
+        omnigen, image={"layers": slice(OMNIGEN_PREFIX, None)},
+        note="condition tokens written in place (item assignment) before the cat: untraceable; mask (B, L, L)"),
+    "GlmImageTransformer2DModel": Case(
+        glm_image, note="prior_token_id (B, N) as the pipeline passes it; the forward calls nonzero (untraceable)"),
+    "ErnieImageTransformer2DModel": Case(
+        ernie_image, image={"layers": slice(0, ERNIE_IMAGE)},
+        note="sequence-first stream (S, B, H) = cat([image^T, text^T], dim=0); modulation expanded to (S, B, H)"),
+    "PRXTransformer2DModel": Case(prx, note="test config 1792 wide shrunk to 32"),
+    "NucleusMoEImageTransformer2DModel": Case(
+        nucleusmoe_image,
+        note="joint key mask (B, L_img + L_txt) reaches the blocks inside the attention_kwargs dict"),
+    "Ideogram4Transformer2DModel": Case(
+        ideogram4, image={"layers": slice(IDEOGRAM_TEXT, None)},
+        note="text and image share the rows of one (B, L, C) input: text rows are added (masked), not concatenated"),
+    "JoyImageEditTransformer3DModel": Case(joyimage_edit, note="single item as in its test (no reference frames)"),
+    "JoyImageEditPlusTransformer3DModel": Case(
+        joyimage_edit_plus, image={"double_blocks": slice(0, JOY_PLUS_TARGET)},
+        note="[target, reference] tokens of one pre-patchified input, split only by the shape_list Python list"),
 }

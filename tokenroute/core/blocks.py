@@ -45,6 +45,10 @@ class BlockSpec:
     context_args: arguments that are never routed (conditioning, text tokens, their masks).
     branches: the block's residual branches (``Branch``); None: found by the submodules' names, and a
         block with none found is treated as a whole (its residual, output minus input).
+    joint: where the block's attention puts the other tokens (text) beside the stream's when it joins them:
+        "text_first" ([text, image], Flux) or "text_last" ([image, text], HunyuanVideo). Attention masks and
+        rotary tables spanning the joined sequence are then reduced at the stream's positions in it. None:
+        not joined, or not known (a batch-free table with extra rows is read text first, as Flux's).
     """
 
     stream: str
@@ -53,6 +57,11 @@ class BlockSpec:
     table_args: tuple[str, ...] = ()
     context_args: tuple[str, ...] = ()
     branches: tuple[Branch, ...] | None = None
+    joint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.joint not in (None, "text_first", "text_last"):
+            raise RouteError(f"BlockSpec(joint={self.joint!r}): give 'text_first', 'text_last' or None")
 
     def role(self, name: str) -> str:
         """'tokens', 'table', 'pass', or 'auto' (decided at run time by the tensor's shape)."""
@@ -75,7 +84,8 @@ _TABLES = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rope", "rotary_pos_em
 _ATTENTION_NAMES = ("attn", "attn1", "self_attn", "attention")
 _MLP_NAMES = ("mlp", "ff", "feed_forward", "ffn")
 
-_JOINT = dict(stream="hidden_states", stream_output=1, table_args=_TABLES, context_args=_CONTEXT)
+_JOINT = dict(stream="hidden_states", stream_output=1, table_args=_TABLES, context_args=_CONTEXT, joint="text_first")
+_TEXT_LAST = dict(stream="hidden_states", table_args=_TABLES, context_args=_CONTEXT, joint="text_last")
 _JOINT_BRANCHES = (Branch("attention", "attn", output=0), Branch("attention", "attn2", optional=True),
                    Branch("mlp", "ff"))
 BLOCK_REGISTRY: dict[str, BlockSpec] = {
@@ -87,6 +97,12 @@ BLOCK_REGISTRY: dict[str, BlockSpec] = {
     "FluxTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
     # attention and MLP run in parallel and are gated together: the block is one branch (its residual)
     "FluxSingleTransformerBlock": BlockSpec(**_JOINT, branches=()),
+    # attention over [image, text]: masks and rotary tables span both (read from their attention processors)
+    "HunyuanVideoTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0),
+    "HunyuanVideoSingleTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0, branches=()),
+    "HunyuanImageTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0),
+    "HunyuanImageSingleTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0, branches=()),
+    "HiDreamBlock": BlockSpec(**_TEXT_LAST),
 }
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .route import RouteError
 
 
@@ -26,6 +28,7 @@ class TokenLayout:
     image: int
     grid: tuple[int, ...] | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    joint: str | None = None  # where the blocks' joint attention puts other tokens: "text_first", "text_last"
 
     def __post_init__(self) -> None:
         if self.lead < 0 or self.image < 0 or self.lead + self.image > self.length:
@@ -47,6 +50,21 @@ class TokenLayout:
         lead = min(prefix, length)
         return cls(length, lead, length - lead, None, {"image tokens": source})
 
+    def positions(self, index: torch.Tensor, size: int) -> torch.Tensor:
+        """Kept positions ``index`` (B, K) of the stream, as positions along an axis of ``size`` that spans the
+        blocks' joint sequence (the stream's tokens and, before or after them, the other tokens')."""
+        if size == self.length:
+            return index
+        if size < self.length or self.joint is None:
+            raise RouteError(
+                f"an axis of {size} entries spans the stream's {self.length} tokens and {size - self.length} others "
+                "(text in joint attention), and the blocks do not say on which side the others sit; register the "
+                "block class with tokenroute.BlockSpec(..., joint='text_first' or 'text_last')")
+        others = torch.arange(size - self.length, device=index.device).expand(index.shape[0], -1)
+        if self.joint == "text_first":
+            return torch.cat([others, index + others.shape[1]], dim=1)
+        return torch.cat([index, others + self.length], dim=1)
+
     def describe(self) -> str:
         parts = [f"{self.length} tokens"]
         if self.lead or self.trail:
@@ -56,5 +74,7 @@ class TokenLayout:
         else:
             parts.append("all image tokens")
         parts.append(f"grid {'x'.join(map(str, self.grid))}" if self.grid else "grid unknown")
+        if self.joint:
+            parts.append(f"joint attention {self.joint.replace('_', ' ')}")
         facts = "; ".join(f"{fact}: {source}" for fact, source in self.sources.items())
         return ", ".join(parts) + (f" ({facts})" if facts else "")

@@ -11,6 +11,7 @@ run, so both splice mechanisms (graph and hooks) only decide *which* values cros
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .layout import TokenLayout
 from .route import Route, RouteError
 from .selection import RoutingGenerator, check_protect, draw_keep
-from .tokens import gather_axes, gather_table, gather_tokens, scatter_tokens, with_context
+from .tokens import gather_axes, gather_tokens, scatter_tokens, with_context
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DropRun:
     length: int  # L, full stream length
     kept_length: int  # L - N + K
     num_tokens: int  # N routable (image) tokens
+    layout: TokenLayout | None = None
 
     @property
     def identity(self) -> bool:
@@ -47,7 +49,8 @@ class DropRun:
     def released(self) -> "DropRun":
         """What outlives the forward: the draw, not the route-start tensors (they would pin activations
         and make a deep copy of the model, an EMA twin, impossible while they hold the autograd graph)."""
-        return DropRun(self.keep.detach(), None, None, self.batch, self.length, self.kept_length, self.num_tokens)
+        return DropRun(self.keep.detach(), None, None, self.batch, self.length, self.kept_length, self.num_tokens,
+                       self.layout)
 
 
 def is_token_aligned(value: Any, batch: int, length: int) -> bool:
@@ -58,13 +61,17 @@ def is_token_aligned(value: Any, batch: int, length: int) -> bool:
 def token_axes(value: torch.Tensor, run: DropRun) -> tuple[int, ...]:
     """The axes of a value entering a route that run along the stream's tokens, read from its shape. Axis 1, as
     for the stream (a skip (B, L, D), a mask (B, L)); for an attention mask (bool, or 4-D), also its query and
-    key axes, the last two ((B, 1, 1, L), (B, H, L, L), (B, L, L) bool). Refuses a float (B, L, L), where the
-    shape cannot tell a square mask from hidden states as wide as the sequence is long."""
+    key axes, the last two ((B, 1, 1, L), (B, H, L, L), (B, L, L) bool), and, where the blocks join other tokens
+    to the stream's in their attention (``joint``), the axes longer than the stream that span that joined
+    sequence. Refuses a float (B, L, L), where the shape cannot tell a square mask from hidden states as wide
+    as the sequence is long."""
     if value.dim() < 2 or value.shape[0] not in (run.batch, 1):
         return ()
     length, last = run.length, value.dim() - 1
+    joint = run.layout is not None and run.layout.joint is not None
     if value.dtype == torch.bool or value.dim() >= 4:
-        return tuple(a for a in sorted({1, last - 1, last}) if a >= 1 and value.shape[a] == length)
+        return tuple(a for a in sorted({1, last - 1, last}) if a >= 1 and
+                     (value.shape[a] == length or joint and value.shape[a] > length))
     if value.dim() == 3 and value.shape[1] == length == value.shape[2]:
         raise RouteError(
             f"a {value.dtype} tensor of shape {tuple(value.shape)} enters the route: a square attention mask or "
@@ -74,11 +81,13 @@ def token_axes(value: torch.Tensor, run: DropRun) -> tuple[int, ...]:
     return (1,) if value.shape[1] == length else ()
 
 
-def table_axis(table: torch.Tensor, batch: int, length: int) -> tuple[int, bool] | None:
+def table_axis(table: torch.Tensor, batch: int, length: int, joint: str | None = None) -> tuple[int, bool] | None:
     """Where a token table (a rotary embedding) holds its rows for the stream's ``length`` tokens: ``(axis,
     True)`` for a table with a batch axis of ``batch`` or 1 and one token axis ((B, N, D), (1, N, 1, D),
-    (B, 1, N, D)); ``(0, False)`` for a batch-free table (S, ...) whose rows beyond the stream's lead (text
-    rows in joint attention, never routed); None for a table of other tokens (a text table), which passes."""
+    (B, 1, N, D)), or, where the blocks join other tokens to the stream's (``joint``), axis 1 longer than the
+    stream; ``(0, False)`` for a batch-free table (S, ...) whose rows beyond the stream's are the other
+    tokens' (text rows in joint attention, never routed; first unless ``joint`` says last); None for a table of
+    other tokens (a text table), which passes."""
     if table.dim() >= 2 and table.shape[0] in (batch, 1):
         axes = [a for a in range(1, table.dim()) if table.shape[a] == length]
         if len(axes) == 1:
@@ -86,6 +95,8 @@ def table_axis(table: torch.Tensor, batch: int, length: int) -> tuple[int, bool]
         if len(axes) > 1:
             raise RouteError(f"a token table of shape {tuple(table.shape)} has several axes of the stream's {length} "
                              "tokens; tokenroute cannot tell which to reduce")
+        if joint is not None and table.shape[1] > length:
+            return 1, True
     if table.dim() >= 1 and table.shape[0] >= length:
         return 0, False
     return None
@@ -173,7 +184,7 @@ class DropTokens(TokenOperation):
         num_keep = num_tokens - route.num_skip(num_tokens, ratio)
         if num_keep == num_tokens:  # nothing dropped: no draw, no gather, the route runs on the stream as is
             keep = torch.arange(num_tokens, device=stream.device).expand(batch, -1)
-            return DropRun(keep, None, None, batch, length, length, num_tokens)
+            return DropRun(keep, None, None, batch, length, length, num_tokens, layout)
         routable = stream[:, layout.image_slice] if num_tokens != length else stream
         protect = self.protect(routable) if callable(self.protect) else self.protect
         if protect is not None:
@@ -181,19 +192,24 @@ class DropTokens(TokenOperation):
         keep = draw_keep(routable, num_keep, self.generator, shared=shared, protect=protect,
                          selector=route.selector)
         index = with_context(keep, layout.lead, layout.image, length)
-        return DropRun(keep, index, self.returns(stream), batch, length, length - num_tokens + num_keep, num_tokens)
+        return DropRun(keep, index, self.returns(stream), batch, length, length - num_tokens + num_keep, num_tokens,
+                       layout)
 
     def enter(self, run: DropRun, value: Any, role: str) -> Any:
         """The part of ``value`` that enters the route, by role ('tokens', 'table', 'auto', 'pass')."""
         if role == "pass" or value is None or run.identity:
             return value
+        layout = run.layout if run.layout is not None else TokenLayout(run.length, 0, run.length)
         if role == "table":
             def gather(t: Any) -> Any:
-                found = table_axis(t, run.batch, run.length) if isinstance(t, torch.Tensor) else None
+                found = table_axis(t, run.batch, run.length, layout.joint) if isinstance(t, torch.Tensor) else None
                 if found is None:
                     return t
                 axis, batched = found
-                return gather_axes(t, run.index, (axis,)) if batched else gather_table(t, run.index, run.length)
+                if batched:
+                    return gather_axes(t, layout.positions(run.index, t.shape[axis]), (axis,))
+                rows = layout if layout.joint else dataclasses.replace(layout, joint="text_first")  # as Flux's
+                return t.index_select(0, rows.positions(run.index[:1], t.shape[0])[0])
 
             check_table_group(tree_leaves(value), run.batch, run.length)
             return tree_map(gather, value)
@@ -204,8 +220,12 @@ class DropTokens(TokenOperation):
         if role == "tokens":
             return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, run.batch, run.length) else t,
                             value)
-        return tree_map(lambda t: gather_axes(t, run.index, token_axes(t, run)) if isinstance(t, torch.Tensor) else t,
-                        value)
+        def gather_mask(t: torch.Tensor) -> torch.Tensor:
+            for axis in token_axes(t, run):
+                t = gather_axes(t, layout.positions(run.index, t.shape[axis]), (axis,))
+            return t
+
+        return tree_map(lambda t: gather_mask(t) if isinstance(t, torch.Tensor) else t, value)
 
     def exit(self, run: DropRun, value: Any) -> Any:
         """``value`` leaving the route: kept-length token tensors return to full length around the base."""

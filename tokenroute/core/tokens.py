@@ -38,13 +38,3 @@ def scatter_tokens(base: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> 
     full = base.reshape(base.shape[0], base.shape[1], -1).to(flat.dtype)
     out = full.scatter(1, index.unsqueeze(-1).expand_as(flat), flat)
     return out.view(*base.shape[:2], *x.shape[2:])
-
-
-def gather_table(table: torch.Tensor, index: torch.Tensor, stream_length: int) -> torch.Tensor:
-    """Rows of a batch-free token table (S, ...) for the kept tokens. The table may hold extra leading
-    rows (text tokens in joint attention) beyond the stream's ``stream_length`` tokens: they are kept."""
-    offset = table.shape[0] - stream_length
-    rows = index[0] + offset
-    if offset > 0:
-        rows = torch.cat([torch.arange(offset, device=rows.device), rows])
-    return table.index_select(0, rows)

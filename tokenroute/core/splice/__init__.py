@@ -22,6 +22,15 @@ from .hooks import HookSplice
 MECHANISMS = ("auto", "fx", "hooks")
 
 
+def _joint(stack: BlockStack, route: Any) -> str | None:
+    """How the route's blocks join other tokens to the stream's in their attention (their specs' ``joint``)."""
+    joints = {spec.joint for spec in stack.specs[route.start:route.end + 1]}
+    if len(joints) > 1:
+        raise RouteError(f"route {route}: its blocks join text to the stream on different sides {sorted(map(str, joints))}; "
+                         "split the route where the block class changes")
+    return joints.pop()
+
+
 class OriginalForward:
     """The owner's forward as it was before any patch, to call it and to put it back exactly."""
 
@@ -144,7 +153,7 @@ class Splice:
         if mechanism not in MECHANISMS:
             raise RouteError(f"mechanism {mechanism!r} is not one of {MECHANISMS}")
         self.stack, self.original = stack, original
-        self.boundaries = Boundaries(plan)
+        self.boundaries = Boundaries(plan, joints=[_joint(stack, s.route) for s in plan.segments])
         self.requested = mechanism
         self.mechanism = "hooks" if mechanism == "hooks" else "fx"
         self.fallback_reason: str | None = None

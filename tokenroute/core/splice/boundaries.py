@@ -9,6 +9,7 @@ boundary behaviour is written once; they differ only in how they find which valu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -31,8 +32,9 @@ class Overrides:
 class Boundaries:
     """Carries out a plan, one forward at a time. Holds the per-forward runs and the last forward's draws."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, joints: list[str | None] | None = None):
         self.plan = plan
+        self.joints = joints or [None] * len(plan.segments)  # per segment: its blocks' joint attention order
         self.overrides = Overrides()
         self.runs: list[Any] = [None] * len(plan.segments)
         self.routing = False  # this (or the last) forward drops tokens
@@ -71,6 +73,8 @@ class Boundaries:
         segment = self.plan.segments[i]
         shared = stream.dim() >= 2 and needs_shared_selection(values, roles, stream.shape[0], stream.shape[1])
         layout = layout if layout is not None else self.layout(stream)
+        if layout.joint is None and self.joints[i] is not None:
+            layout = dataclasses.replace(layout, joint=self.joints[i])
         run = segment.operation.begin(segment.route, stream, layout=layout, ratio=self.ratio(i), shared=shared)
         self.runs[i] = run
         self.open = i
@@ -108,9 +112,12 @@ class Boundaries:
         route = segment.route
         return RouteError(
             f"{type(err).__name__} while route {i} ({segment.method}, {paths[route.start]} .. "
-            f"{paths[route.end]}) ran on {reduction}: {err}. A block that reshapes its "
-            "tokens to the image grid, or takes the grid's height and width, cannot run on a subset of the tokens: "
-            "end the route before it (tokenroute.explain lists the blocks)")
+            f"{paths[route.end]}) ran on {reduction}: {err}. Either a block reshapes its tokens to the image grid "
+            "or a fixed token count (it takes the grid's height and width, or a reshape bakes the count in), and "
+            "cannot run on a subset of the tokens: end the route before it (tokenroute.explain lists the blocks); "
+            "or a per-token tensor reaches the blocks as an argument tokenroute passes untouched (a per-token "
+            "timestep embedding named as conditioning): declare it with tokenroute.register_block(cls, "
+            "tokenroute.BlockSpec(stream, token_args=(name,)))")
 
     def after_block(self, stage: int, stream: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
         return self.plan.stages[stage].module(stream, **arguments)

@@ -10,6 +10,7 @@ rotary tables and masks as well as the main hidden state.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -199,7 +200,7 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
             raise RouteError(f"block {segment.route.start} gets no token stream '{spec_of[first].stream}' as a "
                              "traced value")
         _refuse_sequence_first(graph, stream, i)
-        layouts.append(reader.layout(stream, boundaries.plan, i))
+        layouts.append(dataclasses.replace(reader.layout(stream, boundaries.plan, i), joint=boundaries.joints[i]))
     described = []
     for i, segment in enumerate(boundaries.plan.segments):
         region = _region(graph, blocks[segment.route.start], blocks[segment.route.end])

@@ -27,6 +27,12 @@ from ..route import RouteError
 
 _CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
 _CONVOLUTIONS = (F.conv2d, F.conv3d)
+# operations that can place image tokens among others (joined per sample, written into a buffer, selected)
+_JOINS = {torch.cat, torch.concat, torch.concatenate, torch.stack, torch.where, torch.index_copy,
+          torch.nn.utils.rnn.pad_sequence, torch.Tensor.index_copy, torch.Tensor.index_put,
+          torch.Tensor.masked_scatter, torch.Tensor.scatter}
+_JOIN_METHODS = {"index_copy", "index_copy_", "index_put", "index_put_", "masked_scatter", "masked_scatter_",
+                 "scatter", "scatter_", "where"}
 
 
 class _Unreadable(Exception):
@@ -104,6 +110,7 @@ class LayoutReader:
                 continue
             same = [n for n in node.all_input_nodes if self.carries.get(n) and _length(n) == length]
             if not same:
+                self._refuse_mixed(node)
                 return 0, length, node, how
             if len(same) == 1:
                 node = same[0]
@@ -113,6 +120,25 @@ class LayoutReader:
                 lead, count, source, inner = self.span(same[0])
                 return lead, count, source, how + inner
             raise _Unreadable(f"{self.describe(node)} combines values with different layouts {sorted(spans)}")
+
+    def _refuse_mixed(self, source: fx.Node) -> None:
+        """The stream's tokens all come from ``source``; they are all image tokens only if nothing on the way
+        from the image input joined other tokens in: a join of image tokens with others (per sample, then
+        padded into a batch; written into a buffer; selected by a mask) cannot be read."""
+        seen, todo = set(), [source]
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            joins = (node.op == "call_function" and node.target in _JOINS) or \
+                (node.op == "call_method" and node.target in _JOIN_METHODS)
+            inputs = [n for n in node.all_input_nodes if isinstance(n.meta.get("concrete"), torch.Tensor)]
+            if joins and any(not self.carries.get(n) and n.meta["concrete"].dim() >= 2 for n in inputs) \
+                    and any(self.carries.get(n) for n in inputs):
+                raise _Unreadable(f"{self.describe(node)} ({node.target if isinstance(node.target, str) else node.target.__name__}) "
+                                  "places the image tokens among other tokens in a way the graph does not lay out")
+            todo.extend(n for n in node.all_input_nodes if self.carries.get(n))
 
     def grid(self, source: fx.Node, count: int) -> tuple[tuple[int, ...], str] | None:
         """The grid of ``count`` image tokens made at ``source``: a convolution upstream (the patch embedding)

@@ -1,0 +1,57 @@
+"""What each class of the family needs, or why it is refused or still fails, in one place (the group modules
+hold the configurations). Applied to the cases by ``all_cases``."""
+
+from __future__ import annotations
+
+UNTRACEABLE = r"could not trace .* so the token layout .* cannot be read"
+GRID = r"ran on .* tokens: .*(unflatten|invalid for input).* cannot run on a subset of the tokens"
+
+# The forward depends on tensor values, so the layout cannot be read from a graph: the user declares it
+# (every token of these streams is an image token, or 25 condition and time tokens lead) and hooks route.
+DECLARATIONS = {
+    "GlmImageTransformer2DModel": dict(prefix_tokens=0),
+    "MochiTransformer3DModel": dict(prefix_tokens=0),
+    "HunyuanVideo15Transformer3DModel": dict(prefix_tokens=0),
+    "LuminaNextDiT2DModel": dict(prefix_tokens=0),
+    "OmniGenTransformer2DModel": dict(prefix_tokens=25),
+}
+
+# Routing cannot be made correct: a RouteError says why.
+REFUSED = {
+    "SanaTransformer2DModel": GRID,  # the conv MLP reshapes the tokens to the full grid
+    "SanaVideoTransformer3DModel": GRID,
+    "SanaWMTransformer3DModel": GRID,  # per-frame recurrences over the full grid
+    "Lumina2Transformer2DModel": UNTRACEABLE,  # per-sample caption lengths read from tensor values
+    "HiDreamImageTransformer2DModel": UNTRACEABLE,  # MoE gate (bincount); text trails the image in single blocks
+    "HunyuanVideoFramepackTransformer3DModel": UNTRACEABLE,  # history tokens joined per sample
+    "QwenImage21Transformer2DModel": UNTRACEABLE,  # the joined stream's lengths come from tensor values
+    "WanAnimateTransformer3DModel": UNTRACEABLE,  # writes into a slice of the stream
+    "WanAnimate2Transformer3DModel": UNTRACEABLE,  # per-sample lists and grid sizes read from tensor values
+    "BriaFiboTransformer2DModel": r"cannot be read from the graph: .* joins parts of \[32, 256\]",
+    # image tokens written into a buffer (index_copy) or selected against padding (where): not laid out
+    "MiniMaxH3Transformer3DModel": r"index_copy\) places the image tokens among other tokens",
+    "ZImageTransformer2DModel": r"where\) places the image tokens among other tokens",
+}
+
+# Not yet routed correctly; each is an expected (strict) failure, listed in the README's backbone table.
+KNOWN_FAILURES = {
+    "AnyFlowTransformer3DModel": "a per-token timestep modulation (B, L, 6, D) is passed as conditioning and not "
+                                 "gathered (a RouteError inside the route)",
+    "HeliosTransformer3DModel": "a per-token timestep modulation (B, L, 6, D) is passed as conditioning and not "
+                                "gathered (a RouteError inside the route)",
+    "SanaWMLTX2RefinerTransformer3DModel": "a per-token timestep embedding is passed as conditioning and not gathered "
+                                           "(a RouteError inside the route)",
+    "AnyFlowFARTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
+    "Kandinsky6SRTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
+    "Cosmos3OmniTransformer": "one packed sequence with no batch axis, the stream in the second argument",
+    "ErnieImageTransformer2DModel": "a sequence-first stream joined on axis 0 is refused, but with the wrong reason "
+                                    "(a length change at the route's end)",
+    "Ideogram4Transformer2DModel": "SILENT: text rows are added into the image input under a mask, so text tokens "
+                                   "are routed without an error",
+    "JoyImageEditPlusTransformer3DModel": "SILENT: reference-image tokens are packed into the image input and split "
+                                          "by a Python list, so they are routed without an error",
+    "Kandinsky6Transformer3DModel": "the forward calls its blocks as block(*args): stack discovery takes the text "
+                                    "stacks too (blocks= needed), and a batch-free rotary table (N, 1, D/2, 2, 2)",
+    "NucleusMoEImageTransformer2DModel": "a joint attention mask inside the attention_kwargs dict is not gathered "
+                                         "(a RouteError inside the route)",
+}
