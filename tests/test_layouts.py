@@ -379,3 +379,170 @@ def test_a_sequence_first_stream_is_refused():
     model = tokenroute.wrap(randomize(SequenceFirstModel()), [(1, 2, 0.5)], seed=0, mechanism="fx")
     with pytest.raises(RouteError, match=r"its tokens lie on axis 0 \(sequence first\)"):
         model.train()(torch.randn(3, 16, 8))
+
+
+class JointMaskBlock(nn.Module):
+    """Attention over [image, text] inside the block; its key mask spans both (as HunyuanVideo's)."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.q, self.mlp = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, hidden_states, encoder_hidden_states, attention_mask, temb):
+        joint = torch.cat([hidden_states, encoder_hidden_states], 1)
+        scores = self.q(hidden_states) @ joint.transpose(1, 2)
+        scores = scores.masked_fill(~attention_mask[:, 0], -1e4)
+        out = hidden_states + scores.softmax(-1) @ joint
+        shift = temb if temb.dim() == 3 else temb[:, None]
+        return out + torch.tanh(self.mlp(out)) * shift
+
+
+class JointMaskModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.refiner = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2)])
+        self.blocks = nn.ModuleList([JointMaskBlock() for _ in range(4)])
+
+    def forward(self, x, text, mask, temb):
+        for layer in self.refiner:  # runs on the text: not part of the stack
+            text = layer(text)
+        for block in self.blocks:
+            x = block(x, text, mask, temb)
+        return x
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@traced_examples
+@given(seed=st.integers(0, 2**16))
+def test_a_joint_mask_and_a_per_token_modulation_follow_the_kept_tokens(per_token, seed):
+    """Registered as joining text last, the block's (B, 1, 1, L + T) mask is reduced at the kept image
+    positions and keeps every text column; a per-token modulation (B, L, D) is gathered, a global one passed."""
+    tokenroute.register_block(JointMaskBlock, tokenroute.BlockSpec(
+        "hidden_states", context_args=("encoder_hidden_states",), joint="text_last", modulation_args=("temb",)))
+    model = randomize(JointMaskModel(), seed=1)
+    x, text = torch.randn(2, 16, 8), torch.randn(2, 5, 8)
+    mask = torch.rand(2, 1, 1, 21) > 0.3
+    temb = torch.randn(2, 16, 8) if per_token else torch.randn(2, 8)
+    assert tokenroute.core.find_stack(model).containers == ["blocks"]  # the text refiner is left out
+    tokenroute.wrap(model, [(1, 2, 0.5)], seed=seed)
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.update(mask=a[2], temb=a[3]))
+    model.train()(x, text, mask, temb)
+    keep = (~tokenroute.routing_masks(model)[0]).nonzero()[:, 1].view(2, -1)
+    columns = torch.cat([keep, torch.arange(16, 21).expand(2, -1)], 1)
+    assert torch.equal(seen["mask"], torch.stack([mask[b, :, :, columns[b]] for b in range(2)]))
+    expected = torch.stack([temb[b, keep[b]] for b in range(2)]) if per_token else temb
+    assert torch.equal(seen["temb"], expected)
+    assert "joint attention text last" in tokenroute.explain(model)
+
+
+class RowTableBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, x, positions):  # positions: (L, D), one row per token, no batch axis, not named as a table
+        return x + torch.tanh(self.mlp(x + positions))
+
+
+class RowTableModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([RowTableBlock() for _ in range(3)])
+
+    def forward(self, x, positions):
+        for block in self.blocks:
+            x = block(x, positions)
+        return x
+
+
+def test_a_batch_free_row_table_follows_one_selection_for_the_batch():
+    model = randomize(RowTableModel())
+    positions = torch.randn(16, 8)
+    tokenroute.wrap(model, [(1, 1, 0.5)], seed=0)
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("rows", a[1]))
+    model.train()(torch.randn(3, 16, 8), positions)
+    (mask,) = tokenroute.routing_masks(model)
+    assert torch.equal(mask, mask[:1].expand_as(mask))  # one draw for the whole batch
+    assert torch.equal(seen["rows"], positions[~mask[0]])
+
+
+class MergedModel(nn.Module):
+    """Text rows of a packed sequence added into the image input's positions (as Ideogram's), or image tokens
+    written into a buffer at given positions."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x, text):
+        x = self.embed(x)
+        if self.how == "added":
+            x = x + text
+        else:
+            x = torch.zeros(x.shape[0], x.shape[1] + text.shape[1], 8).index_copy(1, torch.arange(x.shape[1]), x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("how, why", [("added", "adds input text, per-token values"),
+                                      ("written", r"index_copy\) places the image tokens among other tokens")])
+def test_other_tokens_merged_into_the_stream_are_refused(how, why):
+    model = tokenroute.wrap(randomize(MergedModel(how)), [(1, 1, 0.5)], seed=0)
+    with pytest.raises(RouteError, match=why):
+        model.train()(torch.randn(2, 16, 8), torch.randn(2, 16 if how == "added" else 4, 8))
+
+
+class PackedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x):  # (L, D): one packed sequence, no batch axis
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_a_stream_without_a_batch_axis_is_refused(mechanism):
+    model = tokenroute.wrap(randomize(PackedModel()), [(1, 1, 0.5)], seed=0, mechanism=mechanism)
+    with pytest.raises(RouteError, match="no batch axis"):
+        model.train()(torch.randn(16, 8))
+
+
+class RejoinModel(nn.Module):
+    """Text split off the stream and joined again around every block (as Bria-Fibo's single stack)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(4)])
+        self.text_proj = nn.Linear(8, 8)
+
+    def forward(self, x, text):
+        x = torch.cat([text, x], 1)
+        for block in self.blocks:
+            x = x + block(x)
+            x = torch.cat([self.text_proj(x[:, :3]), x[:, 3:]], 1)
+        return x
+
+
+def test_tokens_sliced_off_and_joined_again_keep_their_layout():
+    model = randomize(RejoinModel())
+    x, text = torch.randn(2, 16, 8), torch.randn(2, 3, 8)
+    full = {}
+    handle = model.blocks[2].register_forward_pre_hook(lambda m, a: full.__setitem__("x", a[0]))
+    model(x, text)
+    handle.remove()
+    tokenroute.wrap(model, [(2, 2, 0.5)], seed=0)
+    seen = {}
+    model.blocks[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    model.train()(x, text)
+    (mask,) = tokenroute.routing_masks(model)
+    assert mask.shape == (2, 16)
+    assert torch.equal(seen["x"][:, :3], full["x"][:, :3])  # the text tokens, untouched
+    assert "takes tokens 3..18" in tokenroute.explain(model)

@@ -27,31 +27,21 @@ REFUSED = {
     "QwenImage21Transformer2DModel": UNTRACEABLE,  # the joined stream's lengths come from tensor values
     "WanAnimateTransformer3DModel": UNTRACEABLE,  # writes into a slice of the stream
     "WanAnimate2Transformer3DModel": UNTRACEABLE,  # per-sample lists and grid sizes read from tensor values
-    "BriaFiboTransformer2DModel": r"cannot be read from the graph: .* joins parts of \[32, 256\]",
     # image tokens written into a buffer (index_copy) or selected against padding (where): not laid out
     "MiniMaxH3Transformer3DModel": r"index_copy\) places the image tokens among other tokens",
     "ZImageTransformer2DModel": r"where\) places the image tokens among other tokens",
+    "ErnieImageTransformer2DModel": r"its tokens lie on axis 0 \(sequence first\)",
+    "Ideogram4Transformer2DModel": r"adds embed_image_indicator output, per-token values",  # packed text and image
+    "Cosmos3OmniTransformer": UNTRACEABLE,  # one packed sequence with no batch axis (refused too once declared)
 }
 
 # Not yet routed correctly; each is an expected (strict) failure, listed in the README's backbone table.
 KNOWN_FAILURES = {
-    "AnyFlowTransformer3DModel": "a per-token timestep modulation (B, L, 6, D) is passed as conditioning and not "
-                                 "gathered (a RouteError inside the route)",
-    "HeliosTransformer3DModel": "a per-token timestep modulation (B, L, 6, D) is passed as conditioning and not "
-                                "gathered (a RouteError inside the route)",
-    "SanaWMLTX2RefinerTransformer3DModel": "a per-token timestep embedding is passed as conditioning and not gathered "
-                                           "(a RouteError inside the route)",
+    "HeliosTransformer3DModel": "its blocks split history from current tokens by a count (original_context_length) "
+                                "that routing changes: a RouteError inside the route today, and declaring the "
+                                "per-token modulation would make the split silently wrong",
     "AnyFlowFARTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
     "Kandinsky6SRTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
-    "Cosmos3OmniTransformer": "one packed sequence with no batch axis, the stream in the second argument",
-    "ErnieImageTransformer2DModel": "a sequence-first stream joined on axis 0 is refused, but with the wrong reason "
-                                    "(a length change at the route's end)",
-    "Ideogram4Transformer2DModel": "SILENT: text rows are added into the image input under a mask, so text tokens "
-                                   "are routed without an error",
     "JoyImageEditPlusTransformer3DModel": "SILENT: reference-image tokens are packed into the image input and split "
                                           "by a Python list, so they are routed without an error",
-    "Kandinsky6Transformer3DModel": "the forward calls its blocks as block(*args): stack discovery takes the text "
-                                    "stacks too (blocks= needed), and a batch-free rotary table (N, 1, D/2, 2, 2)",
-    "NucleusMoEImageTransformer2DModel": "a joint attention mask inside the attention_kwargs dict is not gathered "
-                                         "(a RouteError inside the route)",
 }

@@ -43,6 +43,8 @@ class BlockSpec:
     table_args: batch-free tables aligned with the tokens on axis 0 (rotary embeddings); may hold extra
         leading rows for tokens that are not routed (text tokens in joint attention).
     context_args: arguments that are never routed (conditioning, text tokens, their masks).
+    modulation_args: conditioning given either once per sample or per token (a per-token timestep
+        modulation (B, L, ...)): gathered with the tokens when its axis 1 runs along them, passed otherwise.
     branches: the block's residual branches (``Branch``); None: found by the submodules' names, and a
         block with none found is treated as a whole (its residual, output minus input).
     joint: where the block's attention puts the other tokens (text) beside the stream's when it joins them:
@@ -58,17 +60,20 @@ class BlockSpec:
     context_args: tuple[str, ...] = ()
     branches: tuple[Branch, ...] | None = None
     joint: str | None = None
+    modulation_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.joint not in (None, "text_first", "text_last"):
             raise RouteError(f"BlockSpec(joint={self.joint!r}): give 'text_first', 'text_last' or None")
 
     def role(self, name: str) -> str:
-        """'tokens', 'table', 'pass', or 'auto' (decided at run time by the tensor's shape)."""
+        """'tokens', 'table', 'modulation', 'pass', or 'auto' (decided at run time by the tensor's shape)."""
         if name == self.stream or name in self.token_args:
             return "tokens"
         if name in self.table_args:
             return "table"
+        if name in self.modulation_args:
+            return "modulation"
         if name in self.context_args:
             return "pass"
         return "auto"
@@ -103,6 +108,13 @@ BLOCK_REGISTRY: dict[str, BlockSpec] = {
     "HunyuanImageTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0),
     "HunyuanImageSingleTransformerBlock": BlockSpec(**_TEXT_LAST, stream_output=0, branches=()),
     "HiDreamBlock": BlockSpec(**_TEXT_LAST),
+    "NucleusMoEImageTransformerBlock": BlockSpec(**_TEXT_LAST),
+    # timestep modulation per token ((B, L, 6, D) in video models that denoise frames at different levels)
+    "AnyFlowTransformerBlock": BlockSpec("hidden_states", table_args=_TABLES, modulation_args=("temb",),
+                                         context_args=tuple(n for n in _CONTEXT if n != "temb")),
+    "SanaWMLTX2RefinerTransformerBlock": BlockSpec("hidden_states", table_args=_TABLES + ("video_rotary_emb",),
+                                                   modulation_args=("temb",),
+                                                   context_args=tuple(n for n in _CONTEXT if n != "temb")),
 }
 
 

@@ -116,11 +116,19 @@ def check_table_group(leaves: list[Any], batch: int, length: int) -> None:
             "context_args and keep the route off the blocks that take it")
 
 
+def is_row_table(value: Any, batch: int, length: int) -> bool:
+    """A batch-free tensor with one row per token on axis 0 ((L, ...), a rotary table handed over in an
+    argument not named as one): read from its shape where the token count cannot be the batch."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == length \
+        and length not in (batch, 1)
+
+
 def needs_shared_selection(values: Any, roles: list[str], batch: int, length: int) -> bool:
     """A batch-free table crosses the boundary: one selection must then serve the whole batch."""
-    leaves = [t for v, role in zip(values, roles) if role == "table" for t in tree_leaves(v)
+    leaves = [(t, role) for v, role in zip(values, roles) if role in ("table", "auto") for t in tree_leaves(v)
               if isinstance(t, torch.Tensor)]
-    return any(table_axis(t, batch, length) == (0, False) for t in leaves)
+    return any(table_axis(t, batch, length) == (0, False) if role == "table" else is_row_table(t, batch, length)
+               for t, role in leaves)
 
 
 class TokenOperation:
@@ -196,7 +204,7 @@ class DropTokens(TokenOperation):
                        layout)
 
     def enter(self, run: DropRun, value: Any, role: str) -> Any:
-        """The part of ``value`` that enters the route, by role ('tokens', 'table', 'auto', 'pass')."""
+        """The part of ``value`` that enters the route, by role ('tokens', 'table', 'modulation', 'auto', 'pass')."""
         if role == "pass" or value is None or run.identity:
             return value
         layout = run.layout if run.layout is not None else TokenLayout(run.length, 0, run.length)
@@ -217,10 +225,12 @@ class DropTokens(TokenOperation):
             raise RouteError(
                 f"a token-aligned argument has shape {tuple(value.shape)} but the stream has {run.length} tokens "
                 f"in a batch of {run.batch}; register the block's arguments with tokenroute.register_block")
-        if role == "tokens":
+        if role in ("tokens", "modulation"):
             return tree_map(lambda t: gather_tokens(t, run.index) if is_token_aligned(t, run.batch, run.length) else t,
                             value)
         def gather_mask(t: torch.Tensor) -> torch.Tensor:
+            if is_row_table(t, run.batch, run.length):
+                return t.index_select(0, run.index[0])
             for axis in token_axes(t, run):
                 t = gather_axes(t, layout.positions(run.index, t.shape[axis]), (axis,))
             return t

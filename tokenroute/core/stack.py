@@ -88,13 +88,20 @@ def _assigned(target: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
 
 
-def _stream_variable(call: ast.Call, block: nn.Module, shift: int, assigned: set[str]) -> str | None:
-    """The variable passed as the block's stream argument, if the call's result is assigned back to it."""
+def _stream_variable(call: ast.Call, block: nn.Module, shift: int, assigned: set[str],
+                     tuples: dict[str, list[ast.expr]] | None = None) -> str | None:
+    """The variable passed as the block's stream argument, if the call's result is assigned back to it.
+    ``tuples``: tuples the loop builds by name, for calls that unpack one (``block(*args)``)."""
     stream = spec_for(block).stream
     names = [p.name for p in forward_parameters(block)]
+    args = list(call.args)
+    for k, arg in enumerate(args):
+        if isinstance(arg, ast.Starred) and isinstance(arg.value, ast.Name) and arg.value.id in (tuples or {}):
+            args[k:k + 1] = tuples[arg.value.id]
+            break
     value = next((k.value for k in call.keywords if k.arg == stream), None)
-    if value is None and stream in names and names.index(stream) + shift < len(call.args):
-        value = call.args[names.index(stream) + shift]
+    if value is None and stream in names and names.index(stream) + shift < len(args):
+        value = args[names.index(stream) + shift]
     return value.id if isinstance(value, ast.Name) and value.id in assigned else None
 
 
@@ -119,6 +126,9 @@ def _block_loops(owner: nn.Module, candidates: list[str], singles: list[str]) ->
             if not containers:
                 continue
             loop_vars = _assigned(node.target)
+            tuples = {a.targets[0].id: list(a.value.elts) for statement in node.body for a in ast.walk(statement)
+                      if isinstance(a, ast.Assign) and len(a.targets) == 1 and isinstance(a.targets[0], ast.Name)
+                      and isinstance(a.value, ast.Tuple)}
             stream = None
             for statement in node.body:
                 for assign in ast.walk(statement):
@@ -132,7 +142,7 @@ def _block_loops(owner: nn.Module, candidates: list[str], singles: list[str]) ->
                         if direct or wrapped:  # block(...) or checkpoint(block, ...)
                             block = children[containers[0]][0]
                             found = _stream_variable(call, block, 0 if direct else 1,
-                                                     set().union(*(_assigned(t) for t in assign.targets)))
+                                                     set().union(*(_assigned(t) for t in assign.targets)), tuples)
                             stream = stream or found
             loops.append(_Loop(node.lineno, containers, stream))
         elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
@@ -198,7 +208,8 @@ def _stack_of(owner: nn.Module, container_names: Sequence[str] | None) -> tuple[
     if not candidates:
         return [], [], ""
     block_classes = {type(b) for n in candidates for b in children[n]}
-    singles = [n for n, m in children.items() if n not in candidates and type(m) in block_classes]
+    singles = [n for n, m in children.items() if n not in candidates and type(m) in block_classes
+               and not _is_layer(m)]
     loops = _block_loops(owner, candidates, singles)
     main = max(candidates, key=lambda n: sum(p.numel() for p in children[n].parameters()))
     flow = next((loop.stream for loop in loops or [] if main in loop.containers), None)

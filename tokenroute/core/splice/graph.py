@@ -193,12 +193,21 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
     reader = LayoutReader(module, {n: (block_of[n], spec_of[n]) for n in blocks},
                           {n for n in graph.nodes if n.meta.get("image_input")}, describe)
     layouts = []  # read from the graph as traced, before any splice changes it
+    stack_paths = stack.paths
     for i, segment in enumerate(boundaries.plan.segments):
         first = blocks[segment.route.start]
         stream = _argument(first, block_of[first], spec_of[first].stream)
         if not isinstance(stream, fx.Node):
             raise RouteError(f"block {segment.route.start} gets no token stream '{spec_of[first].stream}' as a "
                              "traced value")
+        if not isinstance(_concrete(stream), torch.Tensor) or _concrete(stream).dim() < 3:
+            shape = tuple(_concrete(stream).shape) if isinstance(_concrete(stream), torch.Tensor) else None
+            raise RouteError(
+                f"the stream entering route {i} ({describe(stream)}, argument {spec_of[first].stream!r} of "
+                f"{stack_paths[segment.route.start]}) has shape {shape}: tokenroute routes streams laid out "
+                "(B, L, D), and a packed sequence with no batch axis has none to keep the draw per sample. Keep "
+                "routes off these blocks, or register the block with the argument that carries (B, L, D) tokens: "
+                "tokenroute.register_block(cls, tokenroute.BlockSpec(stream=name))")
         _refuse_sequence_first(graph, stream, i)
         layouts.append(dataclasses.replace(reader.layout(stream, boundaries.plan, i), joint=boundaries.joints[i]))
     described = []
@@ -216,11 +225,13 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
 
 
 def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
-    """The nodes from the route's first block to its last, with the unpacking of the last one's tuple output."""
+    """The nodes from the route's first block to its last, with the unpacking of the last one's tuple output
+    (items by position; a slice of its tokens is taken after the route, from the restored stream)."""
     order = list(graph.nodes)
     begin, stop = order.index(first), order.index(last)
     while stop + 1 < len(order) and order[stop + 1].op == "call_function" \
-            and order[stop + 1].target is operator.getitem and order[stop + 1].args[0] in order[begin:stop + 1]:
+            and order[stop + 1].target is operator.getitem and isinstance(order[stop + 1].args[1], int) \
+            and order[stop + 1].args[0] in order[begin:stop + 1]:
         stop += 1
     return order[begin:stop + 1]
 
@@ -278,7 +289,8 @@ def _swaps_first_axes(node: fx.Node) -> bool:
 
 def _refuse_sequence_first(graph: fx.Graph, stream: fx.Node, i: int) -> None:
     """A stream laid out (L, B, D), tokens first, would have its batch axis routed: refuse it. Read from the
-    graph: the stream (through the blocks and the values of its shape) comes from a transpose of axes 0 and 1
+    graph: the stream (through the blocks and the values of its layout, joined on axis 0 or not) comes from a
+    transpose of axes 0 and 1
     of a tensor whose axis 0 is the batch of the model's image, video or token inputs (3-D and more)."""
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim() >= 3}
@@ -295,8 +307,8 @@ def _refuse_sequence_first(graph: fx.Graph, stream: fx.Node, i: int) -> None:
                 f"the stream entering route {i} has shape {tuple(traced.shape)} and comes from {describe(node)}, a "
                 f"transpose of a batch-first tensor: its tokens lie on axis 0 (sequence first). tokenroute routes "
                 "streams laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
-        todo.extend(n for n in node.all_input_nodes
-                    if isinstance(_concrete(n), torch.Tensor) and _concrete(n).shape == traced.shape
+        todo.extend(n for n in node.all_input_nodes  # values of its layout: the same axes after the first
+                    if isinstance(_concrete(n), torch.Tensor) and _concrete(n).shape[1:] == traced.shape[1:]
                     or isinstance(_concrete(n), (tuple, list)))
 
 
@@ -367,7 +379,7 @@ def _role(source: fx.Node, user: fx.Node, spec: BlockSpec | None, block: nn.Modu
 
 def _merge(roles: Any) -> str:
     roles = set(roles)
-    for role in ("tokens", "table", "auto"):
+    for role in ("tokens", "table", "modulation", "auto"):
         if role in roles:
             return role
     return "pass"

@@ -81,6 +81,12 @@ class HookSplice:
         i = self.route_of.get(position)
         names = list(new)
         if i is not None and segments[i].route.start == position:
+            if not isinstance(stream, torch.Tensor) or stream.dim() < 3:
+                raise RouteError(
+                    f"the stream entering route {i} (argument {spec.stream!r} of {self.stack.paths[position]}) has "
+                    f"shape {tuple(getattr(stream, 'shape', ()))}: tokenroute routes streams laid out (B, L, D), and "
+                    "a packed sequence with no batch axis has none to keep the draw per sample. Keep routes off "
+                    "these blocks, or register the block with the argument that carries (B, L, D) tokens")
             if not boundaries.plan.prefix_declared and length != self.first_length:
                 raise RouteError(
                     f"the stream entering route {i} ({self.stack.paths[position]}) has {length} tokens, the stack's "
@@ -91,7 +97,7 @@ class HookSplice:
                                                    [spec.role(n) for n in names])))
         elif i is not None:  # values made before the segment enter it
             roles = ["pass" if n == spec.stream or spec.role(n) == "pass" else
-                     "table" if spec.role(n) == "table" else "auto" for n in names]
+                     spec.role(n) if spec.role(n) in ("table", "modulation") else "auto" for n in names]
             new = dict(zip(names, boundaries.reduce(i, tuple(new.values()), roles)))
         positional = [p.name for p in forward_parameters(module) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         order = [positional[k] if k < len(positional) else f"*{k - len(positional)}" for k in range(len(args))]

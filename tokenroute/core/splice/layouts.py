@@ -44,6 +44,28 @@ def _length(node: Any) -> int | None:
     return value.shape[1] if isinstance(value, torch.Tensor) and value.dim() >= 2 else None
 
 
+def _value(module: fx.GraphModule, node: fx.Node) -> Any:
+    """A node's traced value; for a constant the graph holds (a buffer made from shapes), the constant."""
+    if node.op == "get_attr":
+        target: Any = module
+        for name in str(node.target).split("."):
+            target = getattr(target, name, None)
+        return target
+    return node.meta.get("concrete")
+
+
+def _token_slice(node: fx.Node) -> range | None:
+    """For ``x[:, a:b]`` (a slice of a value's token axis, step 1): range(a, len(x)) clipped to b; else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return None
+    index, source = node.args[1], node.args[0].meta.get("concrete")
+    if not (isinstance(source, torch.Tensor) and source.dim() >= 2 and isinstance(index, tuple) and len(index) >= 2
+            and index[0] == slice(None) and isinstance(index[1], slice) and index[1].step in (None, 1)
+            and all(i in (slice(None), Ellipsis) for i in index[2:])):
+        return None
+    return range(source.shape[1])[index[1]]
+
+
 class LayoutReader:
     """Reads layouts from one traced graph. ``blocks``: block node -> (module, spec with its stream output);
     ``image_inputs``: the graph's nodes for the image input's tensors."""
@@ -96,7 +118,8 @@ class LayoutReader:
                 parts = node.args[0] if node.args else node.kwargs.get("tensors")
                 if dim in (1, 1 - value.dim()) and isinstance(parts, (list, tuple)) and len(parts) > 1:
                     lengths = [_length(p) for p in parts]
-                    image = [k for k, p in enumerate(parts) if isinstance(p, fx.Node) and self.carries.get(p)]
+                    image = [k for k, p in enumerate(parts) if isinstance(p, fx.Node) and self.carries.get(p)
+                             and self._image_count(p) != 0]
                     if len(image) != 1 or None in lengths:
                         raise _Unreadable(f"{self.describe(node)} joins parts of {lengths} tokens on the token axis "
                                           f"and {len(image)} of them carry image tokens")
@@ -108,6 +131,13 @@ class LayoutReader:
             if isinstance(through, fx.Node) and _length(through) == length:
                 node = through
                 continue
+            taken = _token_slice(node)
+            if taken is not None:  # x[:, a:b] of a value whose layout is read: the image tokens inside [a, b)
+                lead, count, source, inner = self.span(node.args[0])
+                start, stop = max(lead, taken.start), min(lead + count, taken.start + length)
+                how.append(f"{self.describe(node)} takes tokens {taken.start}..{taken.start + length - 1}")
+                return max(start - taken.start, 0), max(stop - start, 0), source, how + inner
+            self._refuse_merged(node, length)
             same = [n for n in node.all_input_nodes if self.carries.get(n) and _length(n) == length]
             if not same:
                 self._refuse_mixed(node)
@@ -121,6 +151,29 @@ class LayoutReader:
                 return lead, count, source, how + inner
             raise _Unreadable(f"{self.describe(node)} combines values with different layouts {sorted(spans)}")
 
+    def _image_count(self, node: fx.Node) -> int | None:
+        """How many image tokens ``node`` holds, where its layout can be read; None where it cannot."""
+        try:
+            return self.span(node)[1]
+        except _Unreadable:
+            return None
+
+    def _refuse_merged(self, node: fx.Node, length: int) -> None:
+        """Another input's tokens added into the image tokens' positions (text rows of a packed sequence added
+        under a mask): a sum with a per-sample, per-token tensor of the stream's length that carries no image
+        tokens. Positional tables shared by the batch ((1, L, D)) and per-token scalars ((B, L, 1)) are fine."""
+        if not (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)):
+            return
+        values = [_value(self.module, n) for n in node.all_input_nodes]
+        batch = next((v.shape[0] for n, v in zip(node.all_input_nodes, values)
+                      if self.carries.get(n) and isinstance(v, torch.Tensor)), None)
+        for n, v in zip(node.all_input_nodes, values):
+            if not self.carries.get(n) and isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[0] == batch \
+                    and batch not in (None, 1) and v.shape[1] == length and v.shape[-1] > 1:
+                raise _Unreadable(f"{self.describe(node)} adds {self.describe(n)}, per-token values of {length} "
+                                  "positions that do not come from the image input, into the stream: another "
+                                  "input's tokens may share its positions")
+
     def _refuse_mixed(self, source: fx.Node) -> None:
         """The stream's tokens all come from ``source``; they are all image tokens only if nothing on the way
         from the image input joined other tokens in: a join of image tokens with others (per sample, then
@@ -133,8 +186,8 @@ class LayoutReader:
             seen.add(node)
             joins = (node.op == "call_function" and node.target in _JOINS) or \
                 (node.op == "call_method" and node.target in _JOIN_METHODS)
-            inputs = [n for n in node.all_input_nodes if isinstance(n.meta.get("concrete"), torch.Tensor)]
-            if joins and any(not self.carries.get(n) and n.meta["concrete"].dim() >= 2 for n in inputs) \
+            inputs = [n for n in node.all_input_nodes if isinstance(_value(self.module, n), torch.Tensor)]
+            if joins and any(not self.carries.get(n) and _value(self.module, n).dim() >= 2 for n in inputs) \
                     and any(self.carries.get(n) for n in inputs):
                 raise _Unreadable(f"{self.describe(node)} ({node.target if isinstance(node.target, str) else node.target.__name__}) "
                                   "places the image tokens among other tokens in a way the graph does not lay out")
