@@ -68,13 +68,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     try:
+        from accelerate import Accelerator
+        from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+        from diffusers.optimization import get_scheduler
+    except ImportError as err:
+        raise SystemExit(f"diffusers_dit.py: error: {err.name or err} is not installed; this example trains a diffusers "
+                         "model: pip install -e '.[diffusers,train]'") from None
+    try:
         data_folder = locate_fashion_mnist(args.data_dir, download=not args.no_download)
     except DataError as err:
         raise SystemExit(f"diffusers_dit.py: error: {err}") from None
-
-    from accelerate import Accelerator
-    from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
-    from diffusers.optimization import get_scheduler
 
     torch.manual_seed(args.seed)
     model = DiTTransformer2DModel(

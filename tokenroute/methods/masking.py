@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,7 +40,8 @@ MODULE_NAME = "tokenroute_masking"
 
 @dataclass(frozen=True)
 class Decoder:
-    """An added decoder of ``depth`` blocks with its own position embedding.
+    """An added decoder of ``depth`` blocks with its own position embedding:
+    ``Decoder(depth, *, num_tokens=None, width=None, block=None)`` (the rest by keyword).
 
     By default its blocks are fresh copies of the stack's last block, at the model's width. With ``width``
     and ``block`` (a function of the width returning a block called like the stack's blocks, e.g.
@@ -51,9 +52,9 @@ class Decoder:
     """
 
     depth: int = 2
-    num_tokens: int | None = None
-    width: int | None = None
-    block: Callable[[int], nn.Module] | None = None
+    num_tokens: int | None = field(default=None, kw_only=True)
+    width: int | None = field(default=None, kw_only=True)
+    block: Callable[[int], nn.Module] | None = field(default=None, kw_only=True)
 
 
 class MaskDecoder(nn.Module):
