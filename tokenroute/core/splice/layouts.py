@@ -177,7 +177,8 @@ class LayoutReader:
     def _refuse_mixed(self, source: fx.Node) -> None:
         """The stream's tokens all come from ``source``; they are all image tokens only if nothing on the way
         from the image input joined other tokens in: a join of image tokens with others (per sample, then
-        padded into a batch; written into a buffer; selected by a mask) cannot be read."""
+        padded into a batch; written into a buffer; selected by a mask) cannot be read. A single token
+        broadcast into positions (a learned pad token) replaces values, not positions, and passes."""
         seen, todo = set(), [source]
         while todo:
             node = todo.pop()
@@ -187,7 +188,8 @@ class LayoutReader:
             joins = (node.op == "call_function" and node.target in _JOINS) or \
                 (node.op == "call_method" and node.target in _JOIN_METHODS)
             inputs = [n for n in node.all_input_nodes if isinstance(_value(self.module, n), torch.Tensor)]
-            if joins and any(not self.carries.get(n) and _value(self.module, n).dim() >= 2 for n in inputs) \
+            if joins and any(not self.carries.get(n) and _value(self.module, n).dim() >= 2
+                             and _value(self.module, n).shape[-2] > 1 for n in inputs) \
                     and any(self.carries.get(n) for n in inputs):
                 raise _Unreadable(f"{self.describe(node)} ({node.target if isinstance(node.target, str) else node.target.__name__}) "
                                   "places the image tokens among other tokens in a way the graph does not lay out")
