@@ -209,8 +209,23 @@ class LayoutReader:
             value = node.meta.get("concrete")
             if conv and isinstance(value, torch.Tensor) and math.prod(value.shape[2:]) == count:
                 return tuple(value.shape[2:]), f"the patch embedding {self.describe(node)}"
+            inner = self._inner_patch_grid(node, count)
+            if inner is not None:
+                return inner, f"the patch embedding {self.describe(node)} (its convolution's stride)"
             todo.extend(n for n in node.all_input_nodes if self.carries.get(n))
         return None
+
+    def _inner_patch_grid(self, node: fx.Node, count: int) -> tuple[int, ...] | None:
+        """The grid made by a patch-embedding module called as a whole (timm's PatchEmbed: a strided
+        convolution inside, then flatten): its input's spatial size over the convolution's stride."""
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        convs = [m for m in self.module.get_submodule(node.target).modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        image = node.args[0].meta.get("concrete")
+        if len(convs) != 1 or not isinstance(image, torch.Tensor) or image.dim() != convs[0].weight.dim():
+            return None
+        grid = tuple(size // stride for size, stride in zip(image.shape[2:], convs[0].stride))
+        return grid if math.prod(grid) == count else None
 
     def layout(self, stream: fx.Node, plan: Plan, route: int) -> TokenLayout:
         """The layout of the stream entering segment ``route``: read from the graph, checked against a
