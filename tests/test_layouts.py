@@ -546,3 +546,35 @@ def test_tokens_sliced_off_and_joined_again_keep_their_layout():
     assert mask.shape == (2, 16)
     assert torch.equal(seen["x"][:, :3], full["x"][:, :3])  # the text tokens, untouched
     assert "takes tokens 3..18" in tokenroute.explain(model)
+
+
+class PackedInputModel(nn.Module):
+    """Receives a reference image's tokens packed after the target's in its image input (as JoyImage Edit Plus)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3)])
+
+    def forward(self, packed: torch.Tensor, target_tokens: int) -> torch.Tensor:
+        x = self.embed(packed)
+        for block in self.blocks:
+            x = x + block(x)
+        return x[:, :target_tokens]
+
+
+def test_a_registered_input_packing_keeps_the_packed_reference_tokens_out_of_routes():
+    tokenroute.register_input_packing(PackedInputModel, lambda arguments: slice(0, arguments["target_tokens"]))
+    model = randomize(PackedInputModel())
+    packed = torch.randn(2, 20, 4)  # 16 target tokens, then 4 reference tokens
+    full = {}
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, a: full.__setitem__("x", a[0]))
+    model(packed, 16)
+    handle.remove()
+    tokenroute.wrap(model, [(1, 1, 0.5)], seed=0)
+    seen = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    model.train()(packed, 16)
+    assert tokenroute.routing_masks(model)[0].shape == (2, 16)
+    assert torch.equal(seen["x"][:, -4:], full["x"][:, -4:])  # the reference tokens, untouched
+    assert "packs other tokens into its image input (registered)" in tokenroute.explain(model)

@@ -42,6 +42,4 @@ KNOWN_FAILURES = {
                                 "per-token modulation would make the split silently wrong",
     "AnyFlowFARTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
     "Kandinsky6SRTransformer3DModel": "FlexAttention has no backward on the CPU: the unwrapped model cannot train here",
-    "JoyImageEditPlusTransformer3DModel": "SILENT: reference-image tokens are packed into the image input and split "
-                                          "by a Python list, so they are routed without an error",
 }

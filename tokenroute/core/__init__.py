@@ -9,7 +9,7 @@ every applied method (``patches``; a segment is a ``route`` and a token operatio
 from .control import (is_wrapped, load_routing_state_dict, routing, routing_masks, routing_state_dict,
                       set_ratio)
 from .explain import explain
-from .layout import TokenLayout
+from .layout import INPUT_PACKINGS, TokenLayout, register_input_packing
 from .operations import MaskTokens, SkipTokens, TokenOperation
 from .plan import Plan, Segment, Stage
 from .patches import Patch, PatchRegistry, SpliceOptions, apply_patch, remove_patch, reset_state
@@ -17,7 +17,7 @@ from .blocks import BLOCK_REGISTRY, BlockSpec, Branch, block_branches, register_
 from .route import Route, RouteError
 from .stack import BlockStack, find_stack
 
-__all__ = ["BLOCK_REGISTRY", "BlockSpec", "BlockStack", "Branch", "MaskTokens", "Patch", "PatchRegistry", "Plan",
+__all__ = ["BLOCK_REGISTRY", "INPUT_PACKINGS", "BlockSpec", "BlockStack", "Branch", "MaskTokens", "Patch", "PatchRegistry", "Plan",
            "Route", "RouteError", "Segment", "SkipTokens", "SpliceOptions", "Stage", "TokenLayout", "TokenOperation", "apply_patch",
-           "block_branches", "explain", "find_stack", "is_wrapped", "load_routing_state_dict", "register_block",
+           "block_branches", "explain", "find_stack", "is_wrapped", "load_routing_state_dict", "register_block", "register_input_packing",
            "remove_patch", "reset_state", "routing", "routing_masks", "routing_state_dict", "set_ratio"]

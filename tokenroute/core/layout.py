@@ -11,6 +11,7 @@ density) reads them from here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -78,3 +79,29 @@ class TokenLayout:
             parts.append(f"joint attention {self.joint.replace('_', ' ')}")
         facts = "; ".join(f"{fact}: {source}" for fact, source in self.sources.items())
         return ", ".join(parts) + (f" ({facts})" if facts else "")
+
+
+# How a model class packs other tokens into its image input itself (a reference image's tokens in the same
+# tensor), which no graph shows: class name -> function of the forward's arguments (by name) returning the
+# slice of the image input's tokens that are the image's own. Keyed by name so that no import is needed.
+INPUT_PACKINGS: dict[str, Callable[[dict[str, Any]], slice]] = {}
+
+
+def register_input_packing(model_class: type | str, image_tokens: Callable[[dict[str, Any]], slice]) -> None:
+    """Declare that ``model_class``'s forward receives other tokens packed into its image input:
+    ``image_tokens(arguments)`` returns the slice of the input's tokens that are the image's own (the same for
+    every sample; raise a RouteError where it is not). The graph splice composes it with what it reads."""
+    INPUT_PACKINGS[model_class if isinstance(model_class, str) else model_class.__name__] = image_tokens
+
+
+def _joy_image_edit_plus(arguments: dict[str, Any]) -> slice:
+    """JoyImage Edit Plus: per sample, the target's (t, h, w) patches first, then each reference image's."""
+    shape_list = arguments.get("shape_list")
+    targets = {t * h * w for t, h, w in (sample[0] for sample in shape_list or [])}
+    if len(targets) != 1:
+        raise RouteError(f"JoyImageEditPlusTransformer3DModel: shape_list={shape_list!r} gives targets of "
+                         f"{sorted(targets)} tokens; routing needs one target size for the whole batch")
+    return slice(0, targets.pop())
+
+
+register_input_packing("JoyImageEditPlusTransformer3DModel", _joy_image_edit_plus)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..blocks import BlockSpec, bind_arguments, with_stream_output
-from ..layout import TokenLayout
+from ..layout import INPUT_PACKINGS, TokenLayout
 from ..operations import check_table_group, needs_shared_selection
 from ..route import RouteError
 from ..stack import BlockStack
@@ -124,10 +124,22 @@ def trace(stack: BlockStack, forward: Callable[..., Any], boundaries: Boundaries
             node.meta["label"] = f"input {input_names[node.args[1]]}"
             node.meta["image_input"] = input_names[node.args[1]].startswith(image_input)
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
-    described = splice(module, stack, boundaries)
+    described = splice(module, stack, boundaries, _bound(forward, stack.owner, args, kwargs))
     for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
         node.meta.pop("concrete", None)
     return TracedForward(module, call, described)
+
+
+def _bound(forward: Callable[..., Any], owner: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by the forward's parameter names (for a declared input packing)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(forward).bind(owner, *args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _input_names(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[str], str]:
@@ -181,7 +193,8 @@ def _contains(value: Any, node: fx.Node) -> bool:
     return found
 
 
-def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) -> list[Boundary]:
+def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries,
+           arguments: dict[str, Any] | None = None) -> list[Boundary]:
     """Splice every segment's start and end nodes, then every stage, into the traced graph; returns what
     each segment's boundaries do."""
     graph = module.graph
@@ -190,8 +203,10 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries) ->
     spec_of = {node: with_stream_output(block_of[node], spec, _concrete(_argument(node, block_of[node], spec.stream)),
                                         node.meta.get("concrete"))
                for node, spec in zip(blocks, stack.specs)}
+    packing = INPUT_PACKINGS.get(type(stack.owner).__name__)
     reader = LayoutReader(module, {n: (block_of[n], spec_of[n]) for n in blocks},
-                          {n for n in graph.nodes if n.meta.get("image_input")}, describe)
+                          {n for n in graph.nodes if n.meta.get("image_input")}, describe,
+                          packing=(type(stack.owner).__name__, packing(arguments or {})) if packing else None)
     layouts = []  # read from the graph as traced, before any splice changes it
     stack_paths = stack.paths
     for i, segment in enumerate(boundaries.plan.segments):

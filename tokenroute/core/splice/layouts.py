@@ -71,8 +71,9 @@ class LayoutReader:
     ``image_inputs``: the graph's nodes for the image input's tensors."""
 
     def __init__(self, module: fx.GraphModule, blocks: dict[fx.Node, tuple[nn.Module, BlockSpec]],
-                 image_inputs: set[fx.Node], describe: Any):
+                 image_inputs: set[fx.Node], describe: Any, packing: tuple[str, slice] | None = None):
         self.module, self.blocks, self.describe = module, blocks, describe
+        self.image_inputs, self.packing = image_inputs, packing  # (model class, the input's own image tokens)
         self.carries = self._carries(module.graph, image_inputs)
 
     def _stream_argument(self, block_node: fx.Node) -> Any:
@@ -141,6 +142,11 @@ class LayoutReader:
             same = [n for n in node.all_input_nodes if self.carries.get(n) and _length(n) == length]
             if not same:
                 self._refuse_mixed(node)
+                packed = self._packed(length)
+                if packed is not None:
+                    return packed.start, packed.stop - packed.start, node, how + [
+                        f"{self.packing[0]} packs other tokens into its image input (registered): tokens "
+                        f"{packed.start}..{packed.stop - 1} are the image's"]
                 return 0, length, node, how
             if len(same) == 1:
                 node = same[0]
@@ -150,6 +156,15 @@ class LayoutReader:
                 lead, count, source, inner = self.span(same[0])
                 return lead, count, source, how + inner
             raise _Unreadable(f"{self.describe(node)} combines values with different layouts {sorted(spans)}")
+
+    def _packed(self, length: int) -> range | None:
+        """The registered packing of the image input, where the stream holds the input's tokens one for one."""
+        if self.packing is None:
+            return None
+        lengths = {_length(n) for n in self.image_inputs}
+        if lengths != {length}:
+            return None
+        return range(length)[self.packing[1]]
 
     def _image_count(self, node: fx.Node) -> int | None:
         """How many image tokens ``node`` holds, where its layout can be read; None where it cannot."""
