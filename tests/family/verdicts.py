@@ -7,13 +7,14 @@ UNTRACEABLE = r"could not trace .* so the token layout .* cannot be read"
 GRID = r"ran on .* tokens: .*(unflatten|invalid for input).* cannot run on a subset of the tokens"
 
 # The forward depends on tensor values, so the layout cannot be read from a graph: the user declares it
-# (every token of these streams is an image token, or 25 condition and time tokens lead) and hooks route.
+# (every token of these streams is an image token, or condition, time or history tokens lead) and hooks route.
 DECLARATIONS = {
     "GlmImageTransformer2DModel": dict(prefix_tokens=0),
     "MochiTransformer3DModel": dict(prefix_tokens=0),
     "HunyuanVideo15Transformer3DModel": dict(prefix_tokens=0),
     "LuminaNextDiT2DModel": dict(prefix_tokens=0),
     "OmniGenTransformer2DModel": dict(prefix_tokens=25),
+    "HunyuanVideoFramepackTransformer3DModel": dict(prefix_tokens=11),  # the clean history tokens lead
 }
 
 # Routing cannot be made correct: a RouteError says why.
@@ -23,7 +24,6 @@ REFUSED = {
     "SanaWMTransformer3DModel": GRID,  # per-frame recurrences over the full grid
     "Lumina2Transformer2DModel": UNTRACEABLE,  # per-sample caption lengths read from tensor values
     "HiDreamImageTransformer2DModel": UNTRACEABLE,  # MoE gate (bincount); text trails the image in single blocks
-    "HunyuanVideoFramepackTransformer3DModel": UNTRACEABLE,  # history tokens joined per sample
     "QwenImage21Transformer2DModel": UNTRACEABLE,  # the joined stream's lengths come from tensor values
     "WanAnimateTransformer3DModel": UNTRACEABLE,  # writes into a slice of the stream
     "WanAnimate2Transformer3DModel": UNTRACEABLE,  # per-sample lists and grid sizes read from tensor values
