@@ -125,7 +125,9 @@ def register_block(block_class: type | str, spec: BlockSpec) -> None:
 
 
 def forward_parameters(block: nn.Module) -> list[inspect.Parameter]:
-    return list(inspect.signature(block.forward).parameters.values())
+    """The parameters of the block class's forward (without ``self``): a method that wraps the instance's
+    forward (a feature cache) leaves the signature the block is called with as it was."""
+    return list(inspect.signature(type(block).forward).parameters.values())[1:]
 
 
 def spec_for(block: nn.Module) -> BlockSpec:

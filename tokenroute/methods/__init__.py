@@ -1,8 +1,9 @@
 """One file per method, each a config dataclass with ``apply_x(model, config)`` and ``remove_x(model)``,
 registered on the model's patch registry so that methods stack and come off by name."""
 
+from .caching import CacheRouter, CachingConfig, apply_caching, cache_slots, caching_context, remove_caching
 from .masking import Decoder, MaskingConfig, apply_masking, remove_masking
 from .tread import TreadConfig, apply_tread, remove_tread
 
-__all__ = ["Decoder", "MaskingConfig", "TreadConfig", "apply_masking", "apply_tread", "remove_masking",
-           "remove_tread"]
+__all__ = ["CacheRouter", "CachingConfig", "Decoder", "MaskingConfig", "TreadConfig", "apply_caching", "apply_masking",
+           "apply_tread", "cache_slots", "caching_context", "remove_caching", "remove_masking", "remove_tread"]

@@ -1,0 +1,117 @@
+"""The feature cache at inference (tokenroute.methods.caching), checked from outside: outputs against the uncached
+model in a sampling loop, branch outputs with hooks on the branch modules, the step count refused when wrong."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tokenroute
+from tokenroute import RouteError
+from tokenroute.methods.caching import (CacheRouter, CachingConfig, apply_caching, cache_slots, caching_context,
+                                        remove_caching)
+from tokenroute.training.samplers import flow_euler_sampler
+
+from helpers import backbone_inputs, make_backbone
+
+STEPS = 5
+MODELS = {name: make_backbone(name, depth=4) for name in ("dit", "uvit", "mamba")}
+
+
+def sample(model, seed: int = 0):
+    x, _, y = backbone_inputs(2, seed=seed)
+    return flow_euler_sampler(lambda x, t, y: model(x, torch.full((x.shape[0],), t * 1000.0), y), x, y, steps=STEPS)
+
+
+def cached(name: str, router_of) -> torch.nn.Module:
+    model = copy.deepcopy(MODELS[name]).eval()
+    return apply_caching(model, CachingConfig(router=router_of(len(cache_slots(model)))))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_plan_that_computes_everything_is_bitwise_the_uncached_model(name):
+    model = cached(name, lambda slots: CacheRouter(STEPS, slots, init=5.0))
+    assert torch.equal(sample(model), sample(MODELS[name].eval()))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reusing_everything_after_the_first_step_returns_the_first_steps_outputs(name):
+    """Every slot's module, hooked from outside, returns at every later step what it computed at the first."""
+    model = cached(name, lambda slots: CacheRouter(STEPS, slots, init=-5.0))
+    seen = {}
+    for slot in cache_slots(model):
+        block = model.get_submodule(slot.path)
+        module = block.get_submodule(slot.branch.path) if slot.branch else block
+        module.register_forward_hook(lambda m, a, out, s=slot: seen.setdefault(s, []).append(out))
+    sample(model)
+    tokenroute.reset_state(model)
+    assert len(seen) == len(cache_slots(model))
+    for slot, outputs in seen.items():
+        first = outputs[0] if slot.branch else None
+        for out in outputs[1:]:
+            if slot.branch:
+                assert torch.equal(out, first)
+
+
+def test_reused_residual_blocks_add_the_first_steps_change():
+    """A block without known branches (Mamba) reuses its change to the stream, not its output."""
+    model = cached("mamba", lambda slots: CacheRouter(STEPS, slots, init=-5.0))
+    block = model.get_submodule(cache_slots(model)[1].path)
+    changes = []
+    block.register_forward_hook(lambda m, a, out: changes.append(out - a[0]))
+    sample(model)
+    tokenroute.reset_state(model)
+    for change in changes[1:]:
+        torch.testing.assert_close(change, changes[0], rtol=0, atol=1e-5)
+
+
+def test_generations_are_counted_and_reset():
+    model = cached("dit", lambda slots: CacheRouter.every(2, STEPS, slots))
+    first = sample(model)
+    tokenroute.reset_state(model)
+    assert torch.equal(sample(model), first)  # the same plan again: nothing leaks between generations
+    with pytest.raises(RouteError, match=r"call 6 of the generation .* past the 5 steps"):
+        sample(model)  # no reset: a sixth call
+    model2 = cached("dit", lambda slots: CacheRouter(STEPS, slots))
+    x, t, y = backbone_inputs(2)
+    model2(x, t, y)
+    with pytest.raises(RouteError, match=r"ran \{'default': 1\} steps .* made for 5"):
+        tokenroute.reset_state(model2)
+
+
+def test_separate_guidance_calls_keep_a_cache_each():
+    model = cached("dit", lambda slots: CacheRouter.every(2, STEPS, slots))
+    x, t, y = backbone_inputs(2)
+    for _ in range(STEPS):
+        cond = model(x, t, y)
+        with caching_context(model, "uncond"):
+            uncond = model(x, t, torch.full_like(y, 10))
+    assert not torch.equal(cond, uncond)
+    tokenroute.reset_state(model)
+
+
+def test_remove_restores_the_model_bitwise_and_bad_configs_are_refused():
+    model = cached("uvit", lambda slots: CacheRouter(STEPS, slots, init=-5.0))
+    keys = set(MODELS["uvit"].state_dict())
+    assert set(model.state_dict()) == keys  # the router is not part of the model
+    sample(model)
+    remove_caching(model)
+    assert torch.equal(sample(model), sample(MODELS["uvit"].eval()))
+    with pytest.raises(RouteError, match="router has 3 slots but"):
+        apply_caching(model, CachingConfig(router=CacheRouter(STEPS, 3)))
+    assert not tokenroute.is_wrapped(model)
+
+
+def test_the_plan_is_explained_and_training_forwards_compute_everything():
+    model = cached("dit", lambda slots: CacheRouter.every(2, STEPS, slots))
+    plan = tokenroute.explain(model)
+    assert "feature cache: 8 slots over 5 steps" in plan and "step   1: ........" in plan
+    model.train()
+    x, t, y = backbone_inputs(2)
+    torch.manual_seed(0)
+    out = model(x, t, y)
+    torch.manual_seed(0)
+    assert torch.equal(out, MODELS["dit"].train()(x, t, y))
+    MODELS["dit"].eval()

@@ -1,0 +1,256 @@
+"""Learned feature caching at sampling (HarmoniCa, arXiv 2410.01723): at each sampling step, each cache slot
+(a block's attention-branch or MLP-branch output before its gate, or the whole block's residual where its
+branches are not known) is either computed or taken from the previous step that computed it.
+
+    router = CacheRouter(num_steps=20, num_slots=len(cache_slots(model)))      # learned, or CacheRouter.every(k)
+    apply_caching(model, CachingConfig(router=router))
+    for step in range(20): ...model(x, t, y)...                              # one generation
+    tokenroute.reset_state(model)                                             # between generations
+    remove_caching(model)
+
+The plan is a fixed table read once from the router (slot k at step t computes iff sigmoid(logit) > threshold;
+the first step always computes), so a sampling step does no host synchronisation. Steps are counted per
+generation and per call context (``caching_context(model, "uncond")`` for classifier-free guidance run as
+separate calls; a batched guidance call keeps its whole batch in one cache). A call past the router's steps, or
+a generation reset before its last step, is refused.
+
+This file holds the plan and its execution at inference; training the router is built on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..core.blocks import Branch, bind_arguments, block_branches
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
+from ..core.route import RouteError
+from ..core.stack import BlockStack
+
+NAME = "caching"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What one cache slot holds: a branch of block ``block`` (``branch``), or the block's residual (None)."""
+
+    block: int
+    path: str  # the block's path relative to the stack's owner
+    branch: Branch | None
+
+    def describe(self) -> str:
+        return f"{self.path}.{self.branch.path} ({self.branch.kind})" if self.branch else f"{self.path} (residual)"
+
+
+def cache_slots(model_or_stack: nn.Module | BlockStack) -> list[Slot]:
+    """The cache slots of a model's block stack, in block order: each block's branches where they are known
+    (``tokenroute.block_branches``), else the block as a whole."""
+    from ..core.stack import find_stack
+
+    stack = model_or_stack if isinstance(model_or_stack, BlockStack) else find_stack(model_or_stack)
+    slots = []
+    for position, (path, block, spec) in enumerate(zip(stack.paths, stack.blocks, stack.specs)):
+        branches = block_branches(block, spec)
+        slots += [Slot(position, path, b) for b in branches] if branches else [Slot(position, path, None)]
+    return slots
+
+
+class CacheRouter(nn.Module):
+    """Logits [sampling steps, slots]: slot k computes at step t iff sigmoid(logits[t, k]) > threshold. The first
+    step always computes (its row is not used). Saved and loaded as a state dict (safetensors)."""
+
+    def __init__(self, num_steps: int, num_slots: int, init: float = 5.0):
+        super().__init__()
+        if num_steps < 1 or num_slots < 1:
+            raise RouteError(f"a cache router needs at least one step and one slot, got {num_steps} x {num_slots}")
+        self.logits = nn.Parameter(torch.full((num_steps, num_slots), float(init)))
+
+    @property
+    def num_steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.logits.shape[1]
+
+    @classmethod
+    def every(cls, k: int, num_steps: int, num_slots: int) -> "CacheRouter":
+        """A fixed pattern (FORA): every slot computes at every k-th step and is reused in between."""
+        if k < 1:
+            raise RouteError(f"CacheRouter.every(k={k}): k must be at least 1")
+        router = cls(num_steps, num_slots, init=-5.0)
+        with torch.no_grad():
+            router.logits[::k] = 5.0
+        return router
+
+    def plan(self, threshold: float) -> list[tuple[bool, ...]]:
+        """The fixed table: one tuple of compute flags per step (read once, on the host)."""
+        compute = (torch.sigmoid(self.logits.detach().float()) > threshold).cpu()
+        compute[0] = True
+        return [tuple(row) for row in compute.tolist()]
+
+
+@dataclass(kw_only=True)
+class CachingConfig:
+    """router: the plan's logits (``CacheRouter``); threshold: a slot computes where sigmoid(logit) exceeds it
+    (HarmoniCa: 0.1); blocks: the block container(s) when the stack is not found automatically."""
+
+    router: CacheRouter
+    threshold: float = 0.1
+    blocks: str | list[str] | None = None
+
+
+class CachingPatch(Patch):
+    """Wraps each slot's module so that, in eval forwards, it computes or returns its cached output as the plan
+    says for the current step; a pre-hook on the stack's first block advances the step."""
+
+    name = NAME
+    order = 30
+    title = "feature cache"
+
+    def __init__(self, config: CachingConfig, stack: BlockStack):
+        super().__init__()
+        if not isinstance(config.router, CacheRouter):
+            raise RouteError(f"CachingConfig.router must be a CacheRouter, got {type(config.router).__name__}")
+        if not 0.0 < config.threshold < 1.0:
+            raise RouteError(f"CachingConfig.threshold={config.threshold} must lie in (0, 1)")
+        self.slots = cache_slots(stack)
+        if config.router.num_slots != len(self.slots):
+            raise RouteError(
+                f"the router has {config.router.num_slots} slots but {type(stack.owner).__name__}'s stack has "
+                f"{len(self.slots)} (tokenroute.methods.caching.cache_slots lists them); build the router for "
+                "this model")
+        self.router, self.threshold = config.router, config.threshold
+        self.table = config.router.plan(config.threshold)
+        self.context = "default"
+        self.current: str | None = None  # the context of the forward under way (None: not a cached forward)
+        self.steps: dict[str, int] = {}  # context -> index of its current step
+        self.cache: dict[tuple[str, int], Any] = {}
+        self.installed: list[tuple[nn.Module, Any]] = []
+        self.handles: list[Any] = []
+
+    # -- installation ----------------------------------------------------------------------------------------
+    def attach(self, stack: BlockStack) -> None:
+        for k, slot in enumerate(self.slots):
+            block = stack.blocks[slot.block]
+            module = block.get_submodule(slot.branch.path) if slot.branch else block
+            previous = module.__dict__.get("forward")
+            call = self._branch if slot.branch else self._residual
+            module.forward = functools.partial(call, k, module.forward, stack.specs[slot.block].stream,
+                                               stack.specs[slot.block].stream_output, block)
+            self.installed.append((module, previous))
+        self.handles.append(stack.blocks[0].register_forward_pre_hook(self._advance))
+
+    def detach(self, stack: BlockStack) -> None:
+        for module, previous in reversed(self.installed):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self.installed.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.cache.clear()
+        self.steps.clear()
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def _advance(self, block: nn.Module, args: tuple) -> None:
+        """A forward of the model starts (its first block is called): in eval, the context's next step."""
+        if block.training:
+            self.current = None
+            return
+        step = self.steps.get(self.context, -1) + 1
+        if step >= len(self.table):
+            raise RouteError(
+                f"call {step + 1} of the generation (context {self.context!r}) is past the {len(self.table)} steps the "
+                "cache router was made for. Reset between generations (tokenroute.reset_state(model)); run "
+                "classifier-free guidance in one batched call or inside tokenroute.methods.caching_context(model, "
+                "'uncond'); or train a router for this many steps")
+        self.steps[self.context] = step
+        self.current = self.context
+
+    def reset_state(self) -> None:
+        """Forget the cached outputs and step counts; refuses a generation stopped before the router's last step
+        (a sampler with fewer steps than the router was made for)."""
+        short = {c: s + 1 for c, s in self.steps.items() if s + 1 != len(self.table)}
+        self.cache.clear()
+        self.steps.clear()
+        self.current = None
+        if short:
+            raise RouteError(
+                f"the generation just reset ran {short} steps (by call context) but the cache router was made for "
+                f"{len(self.table)}; sample with {len(self.table)} steps or train a router for your step count")
+
+    # -- the slots -------------------------------------------------------------------------------------------
+    def _computes(self, k: int) -> bool:
+        return self.table[self.steps[self.current]][k] or (self.current, k) not in self.cache
+
+    def _branch(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
+                *args: Any, **kwargs: Any) -> Any:
+        if self.current is None:
+            return original(*args, **kwargs)
+        if self._computes(k):
+            out = original(*args, **kwargs)
+            self.cache[(self.current, k)] = out
+            return out
+        return self.cache[(self.current, k)]
+
+    def _residual(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
+                  *args: Any, **kwargs: Any) -> Any:
+        """A block whose branches are not known: cache its change to the stream (output minus input)."""
+        if self.current is None:
+            return original(*args, **kwargs)
+        entering = bind_arguments(block, args, kwargs)[stream]
+        if self._computes(k):
+            out = original(*args, **kwargs)
+            leaving = out if stream_output is None else out[stream_output]
+            self.cache[(self.current, k)] = (leaving - entering, out)
+            return out
+        change, out = self.cache[(self.current, k)]
+        if stream_output is None:
+            return entering + change
+        out = list(out)
+        out[stream_output] = entering + change
+        return tuple(out)
+
+    def describe(self, stack: BlockStack) -> list[str]:
+        computed = sum(sum(row) for row in self.table)
+        total = len(self.table) * len(self.slots)
+        lines = [f"  feature cache: {len(self.slots)} slots over {len(self.table)} steps, threshold {self.threshold}; "
+                 f"computes {computed} of {total} slot calls ({1 - computed / total:.0%} reused)"]
+        for t, row in enumerate(self.table):
+            lines.append(f"    step {t:>3}: " + "".join("#" if c else "." for c in row))
+        return lines
+
+
+def apply_caching(model: nn.Module, config: CachingConfig) -> nn.Module:
+    """Turn on the feature cache for ``model``'s eval forwards, in place, and return it."""
+    registry = PatchRegistry.for_model(model, config.blocks)
+    if NAME in registry:
+        raise RouteError(f"{type(model).__name__} already has a feature cache; remove_caching(model) first")
+    registry.apply(CachingPatch(config, registry.stack))
+    return model
+
+
+def remove_caching(model: nn.Module) -> nn.Module:
+    """Take the feature cache off ``model``; other methods stay."""
+    remove_patch(model, NAME)
+    return model
+
+
+@contextlib.contextmanager
+def caching_context(model: nn.Module, name: str) -> Iterator[None]:
+    """Calls inside count their steps and keep their cache under ``name`` (classifier-free guidance run as
+    separate conditional and unconditional calls)."""
+    patch = registry_of(model).get(NAME)
+    saved, patch.context = patch.context, name
+    try:
+        yield
+    finally:
+        patch.context = saved
