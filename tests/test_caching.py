@@ -115,3 +115,33 @@ def test_the_plan_is_explained_and_training_forwards_compute_everything():
     torch.manual_seed(0)
     assert torch.equal(out, MODELS["dit"].train()(x, t, y))
     MODELS["dit"].eval()
+
+
+def test_a_diffusers_pipelines_cache_context_and_reset_drive_the_steps():
+    """As a pipeline does: each call inside transformer.cache_context("cond" / "uncond", num_inference_steps=...),
+    then the transformer's stateful hooks reset at the end of the pipeline call."""
+    pytest.importorskip("diffusers")
+    from family.cases_core import flux
+
+    torch.manual_seed(0)
+    model, inputs = flux()
+    model.eval()
+    plain = copy.deepcopy(model)
+    apply_caching(model, CachingConfig(router=CacheRouter.every(2, STEPS, len(cache_slots(model)))))
+
+    def generation(m, steps=STEPS):
+        outs = []
+        for _ in range(steps):
+            for name in ("cond", "uncond"):
+                with m.cache_context(name, num_inference_steps=steps):
+                    outs.append(m(**inputs).sample)
+        m._reset_stateful_cache()
+        return outs
+
+    first = generation(model)
+    assert torch.equal(first[0], plain(**inputs).sample)  # the first step computes everything
+    assert all(torch.equal(a, b) for a, b in zip(generation(model), first))  # reset by the pipeline's call
+    with pytest.raises(RouteError, match="samples with 4 steps but the cache router was made for 5"):
+        generation(model, steps=4)
+    remove_caching(model)
+    assert torch.equal(model(**inputs).sample, plain(**inputs).sample)

@@ -133,6 +133,7 @@ class CachingPatch(Patch):
         self.cache: dict[tuple[str, int], Any] = {}
         self.installed: list[tuple[nn.Module, Any]] = []
         self.handles: list[Any] = []
+        self.bridge: Any = None  # diffusers' cache context and reset, where the model is a diffusers model
 
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
@@ -145,8 +146,12 @@ class CachingPatch(Patch):
                                                stack.specs[slot.block].stream_output, block)
             self.installed.append((module, previous))
         self.handles.append(stack.blocks[0].register_forward_pre_hook(self._advance))
+        self.bridge = _DiffusersBridge.install(self, stack)
 
     def detach(self, stack: BlockStack) -> None:
+        if self.bridge is not None:
+            self.bridge.uninstall(stack)
+            self.bridge = None
         for module, previous in reversed(self.installed):
             if previous is None:
                 del module.forward
@@ -165,20 +170,21 @@ class CachingPatch(Patch):
         if block.training:
             self.current = None
             return
-        step = self.steps.get(self.context, -1) + 1
+        context = (self.bridge.context(len(self.table)) if self.bridge is not None else None) or self.context
+        step = self.steps.get(context, -1) + 1
         if step >= len(self.table):
             raise RouteError(
-                f"call {step + 1} of the generation (context {self.context!r}) is past the {len(self.table)} steps the "
+                f"call {step + 1} of the generation (context {context!r}) is past the {len(self.table)} steps the "
                 "cache router was made for. Reset between generations (tokenroute.reset_state(model)); run "
                 "classifier-free guidance in one batched call or inside tokenroute.methods.caching_context(model, "
                 "'uncond'); or train a router for this many steps")
-        self.steps[self.context] = step
-        self.current = self.context
+        self.steps[context] = step
+        self.current = context
 
-    def reset_state(self) -> None:
-        """Forget the cached outputs and step counts; refuses a generation stopped before the router's last step
-        (a sampler with fewer steps than the router was made for)."""
-        short = {c: s + 1 for c, s in self.steps.items() if s + 1 != len(self.table)}
+    def reset_state(self, check: bool = True) -> None:
+        """Forget the cached outputs and step counts; refuses (``check``) a generation stopped before the router's
+        last step (a sampler with fewer steps than the router was made for)."""
+        short = {c: s + 1 for c, s in self.steps.items() if s + 1 != len(self.table)} if check else {}
         self.cache.clear()
         self.steps.clear()
         self.current = None
@@ -227,6 +233,67 @@ class CachingPatch(Patch):
         for t, row in enumerate(self.table):
             lines.append(f"    step {t:>3}: " + "".join("#" if c else "." for c in row))
         return lines
+
+
+class _DiffusersBridge:
+    """Where the model is a diffusers model: a stateful diffusers hook on the stack's first block, so that a
+    pipeline's ``transformer.cache_context("cond" / "uncond", num_inference_steps=...)`` names the call context
+    (and a step count other than the router's is refused) and its reset of stateful hooks at the end of a call
+    resets the cache."""
+
+    NAME = "tokenroute_caching"
+
+    def __init__(self, patch: CachingPatch, hook: Any, registry: Any):
+        self.patch, self.hook, self.registry = patch, hook, registry
+
+    @classmethod
+    def install(cls, patch: CachingPatch, stack: BlockStack) -> "_DiffusersBridge | None":
+        if not any(type(m).__module__.startswith("diffusers.") for m in (stack.owner,)):
+            return None
+        try:
+            from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+        except ImportError:
+            return None
+
+        class ContextHook(ModelHook):
+            _is_stateful = True
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.state = StateManager(BaseState)  # receives the pipeline's cache context
+
+            def reset_state(self, module: nn.Module) -> nn.Module:
+                patch.reset_state(check=False)  # the pipeline's call ended
+                return module
+
+        hook = ContextHook()
+        registry = HookRegistry.check_if_exists_or_initialize(stack.blocks[0])
+        registry.register_hook(hook, cls.NAME)
+        cls._invalidate(stack)
+        return cls(patch, hook, registry)
+
+    def context(self, num_steps: int) -> str | None:
+        """The pipeline's context name for this call, checked against the router's step count; None: none."""
+        context = getattr(self.hook.state, "_context", None)
+        if context is None:
+            return None
+        given = getattr(context, "num_inference_steps", None)
+        if given is not None and given != num_steps:
+            raise RouteError(f"the pipeline samples with {given} steps but the cache router was made for {num_steps}; "
+                             f"sample with {num_steps} steps or train a router for {given}")
+        return context.name
+
+    def uninstall(self, stack: BlockStack) -> None:
+        self.registry.remove_hook(self.NAME, recurse=False)
+        self._invalidate(stack)
+
+    @staticmethod
+    def _invalidate(stack: BlockStack) -> None:
+        for module in (stack.owner, *stack.owner.modules()):
+            registry = module.__dict__.get("_diffusers_hook")
+            if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+                registry.invalidate_child_registries_cache()
+                return
 
 
 def apply_caching(model: nn.Module, config: CachingConfig) -> nn.Module:
