@@ -145,3 +145,28 @@ def test_a_diffusers_pipelines_cache_context_and_reset_drive_the_steps():
         generation(model, steps=4)
     remove_caching(model)
     assert torch.equal(model(**inputs).sample, plain(**inputs).sample)
+
+
+@pytest.mark.parametrize("sparsity, computed", [(1e-2, "none"), (1e-6, "some"), (0.0, "all")])
+def test_router_training_trades_error_for_reuse(sparsity, computed):
+    """Step-wise training on the sampler's trajectory: only the router moves; a heavy sparsity weight lowers the
+    loss by reusing everything after the first step, none computes everything, a light one keeps what matters."""
+    from tokenroute.methods.caching import RouterTrainingConfig, Sampler, generate, train_router
+
+    model = cached("dit", lambda slots: CacheRouter(4, slots, init=1.0))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    sampler = Sampler.flow_euler(4, lambda m, x, t, y: m(x, torch.full((x.shape[0],), t * 1000.0), y))
+
+    def inputs(generator):
+        return torch.randn(4, 1, 8, 8, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+
+    config = RouterTrainingConfig(iterations=30, lr=0.2, sparsity=sparsity, refresh_every=10)
+    router = train_router(model, sampler, inputs, config)
+    later = sum(map(sum, router.plan(0.1)[1:]))
+    slots = len(cache_slots(model))
+    assert {"none": later == 0, "some": 0 < later < 3 * slots, "all": later == 3 * slots}[computed], later
+    if sparsity > 0.001:
+        assert sum(config.history[-5:]) < sum(config.history[:5])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    x, y = inputs(torch.Generator().manual_seed(1))
+    assert torch.isfinite(generate(model, sampler, x, y)).all()

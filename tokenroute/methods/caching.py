@@ -14,18 +14,22 @@ generation and per call context (``caching_context(model, "uncond")`` for classi
 separate calls; a batched guidance call keeps its whole batch in one cache). A call past the router's steps, or
 a generation reset before its last step, is refused.
 
-This file holds the plan and its execution at inference; training the router is built on it.
+Training the router (``train_router``) follows HarmoniCa's step-wise denoising training on the sampler's
+real trajectory: a teacher that computes everything, a student that mixes ``s * fresh + (1 - s) * cached``,
+loss ``lambda_t * MSE + beta * sum(s)``, the trajectory following the student, only the router trained, and
+lambda_t refreshed from the increase of the final-image error that caching at step t causes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from ..core.blocks import Branch, bind_arguments, block_branches
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
@@ -134,6 +138,8 @@ class CachingPatch(Patch):
         self.installed: list[tuple[nn.Module, Any]] = []
         self.handles: list[Any] = []
         self.bridge: Any = None  # diffusers' cache context and reset, where the model is a diffusers model
+        self.paused = False  # forwards compute everything and leave the steps alone (a teacher's)
+        self.scores: torch.Tensor | None = None  # router training: soft compute scores [steps, slots], with grad
 
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
@@ -167,7 +173,7 @@ class CachingPatch(Patch):
     # -- steps -----------------------------------------------------------------------------------------------
     def _advance(self, block: nn.Module, args: tuple) -> None:
         """A forward of the model starts (its first block is called): in eval, the context's next step."""
-        if block.training:
+        if block.training or self.paused:
             self.current = None
             return
         context = (self.bridge.context(len(self.table)) if self.bridge is not None else None) or self.context
@@ -201,11 +207,14 @@ class CachingPatch(Patch):
                 *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
             return original(*args, **kwargs)
+        key = (self.current, k)
+        if self.scores is not None:
+            return self._mixed(k, key, original(*args, **kwargs))
         if self._computes(k):
             out = original(*args, **kwargs)
-            self.cache[(self.current, k)] = out
+            self.cache[key] = out
             return out
-        return self.cache[(self.current, k)]
+        return self.cache[key]
 
     def _residual(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
                   *args: Any, **kwargs: Any) -> Any:
@@ -213,17 +222,37 @@ class CachingPatch(Patch):
         if self.current is None:
             return original(*args, **kwargs)
         entering = bind_arguments(block, args, kwargs)[stream]
-        if self._computes(k):
+        key = (self.current, k)
+        if self.scores is not None or self._computes(k):
             out = original(*args, **kwargs)
             leaving = out if stream_output is None else out[stream_output]
-            self.cache[(self.current, k)] = (leaving - entering, out)
-            return out
-        change, out = self.cache[(self.current, k)]
+            if self.scores is None:
+                self.cache[key] = (leaving - entering, out)
+                return out
+            change = self._mixed(k, key, leaving - entering)
+            leaving = entering + change
+        else:
+            change, out = self.cache[key]
+            leaving = entering + change
         if stream_output is None:
-            return entering + change
+            return leaving
         out = list(out)
-        out[stream_output] = entering + change
+        out[stream_output] = leaving
         return tuple(out)
+
+    def _mixed(self, k: int, key: tuple[str, int], fresh: Any) -> Any:
+        """Router training (the student): ``s * fresh + (1 - s) * cached`` with s the slot's soft score at this
+        step; the cache takes the fresh value where the plan computes, as it would at inference."""
+        step = self.steps[self.current]
+        cached = self.cache.get(key)
+        if cached is None or step == 0:
+            self.cache[key] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, fresh)
+            return fresh
+        score = self.scores[step, k]
+        out = tree_map(lambda f, c: score * f + (1 - score) * c if isinstance(f, torch.Tensor) else f, fresh, cached)
+        if self.table[step][k]:
+            self.cache[key] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, fresh)
+        return out
 
     def describe(self, stack: BlockStack) -> list[str]:
         computed = sum(sum(row) for row in self.table)
@@ -321,3 +350,170 @@ def caching_context(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         patch.context = saved
+
+
+# -- router training ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sampler:
+    """A sampler's trajectory, as router training and generation need it: ``predict(model, x, i, condition)``
+    is the model's output at step i (the call the sampler makes), ``update(i, x, output)`` the next state."""
+
+    num_steps: int
+    predict: Callable[[nn.Module, torch.Tensor, int, Any], torch.Tensor]
+    update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def flow_euler(cls, num_steps: int, call: Callable[[nn.Module, torch.Tensor, float, Any], torch.Tensor]) -> "Sampler":
+        """Euler steps of the rectified-flow ODE from t = 1 to 0 (the project's ``flow_euler_sampler``);
+        ``call(model, x, t, condition)`` returns the velocity at time t."""
+        ts = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
+        return cls(num_steps, lambda model, x, i, c: call(model, x, ts[i], c),
+                   lambda i, x, v: x + (ts[i + 1] - ts[i]) * v)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any, num_steps: int,
+                       call: Callable[[nn.Module, torch.Tensor, Any, Any], torch.Tensor]) -> "Sampler":
+        """A diffusers scheduler's loop (set to ``num_steps``); ``call(model, x, timestep, condition)``."""
+        scheduler.set_timesteps(num_steps)
+        timesteps = list(scheduler.timesteps)
+        return cls(num_steps, lambda model, x, i, c: call(model, scheduler.scale_model_input(x, timesteps[i]),
+                                                          timesteps[i], c),
+                   lambda i, x, out: scheduler.step(out, timesteps[i], x).prev_sample)
+
+
+@dataclass(kw_only=True)
+class RouterTrainingConfig:
+    """iterations: router updates (each one trajectory of a fresh batch); lr: AdamW (weight decay 0);
+    sparsity: beta, the weight of sum(s) against the lambda-weighted error (lambda normalised to mean 1);
+    refresh_every: iterations between lambda refreshes (the image-error proxy); threshold: the plan's."""
+
+    iterations: int = 200
+    lr: float = 0.01
+    sparsity: float = 1e-3
+    refresh_every: int = 50
+    threshold: float = 0.1
+    progress: bool = False
+    history: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with its parameters frozen (only the router trains); restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any,
+             table: list[tuple[bool, ...]] | None = None) -> torch.Tensor:
+    """Run the sampler from ``x`` with the cache following ``table`` (default: the router's plan; every slot
+    computing where the model has no cache) and return the final state; the cache is reset before and after."""
+    patch = registry_of(model).get(NAME) if NAME in registry_of(model) else None
+    saved = patch.table if patch is not None else None
+    if patch is not None:
+        patch.table = table if table is not None else saved
+        patch.reset_state(check=False)
+    try:
+        for i in range(sampler.num_steps):
+            x = sampler.update(i, x, sampler.predict(model, x, i, condition))
+    finally:
+        if patch is not None:
+            patch.reset_state(check=False)
+            patch.table = saved
+    return x
+
+
+def image_error_weights(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any,
+                        table: list[tuple[bool, ...]]) -> torch.Tensor:
+    """lambda_t: how much caching at step t (as ``table`` plans it) increases the final image's error against the
+    uncached generation, switched on cumulatively from the last step back; normalised to mean 1."""
+    steps, slots = len(table), len(table[0])
+    everything = [tuple([True] * slots)] * steps
+    reference = generate(model, sampler, x, condition, everything)
+    errors = torch.zeros(steps + 1)
+    for t in range(steps - 1, 0, -1):
+        mixed = everything[:t] + table[t:]
+        errors[t] = (generate(model, sampler, x, condition, mixed) - reference).float().square().mean()
+    increase = (errors[:-1] - errors[1:]).clamp_min(0.0)
+    increase[0] = 0.0
+    return increase / increase[1:].mean().clamp_min(1e-12)
+
+
+def train_router(model: nn.Module, sampler: Sampler, inputs: Callable[[torch.Generator], tuple[torch.Tensor, Any]],
+                 config: RouterTrainingConfig | None = None, seed: int = 0) -> CacheRouter:
+    """Train the router of ``model``'s feature cache on ``sampler``'s trajectory and return it.
+
+    ``inputs(generator)`` returns a fresh batch: the initial noise and the condition (labels; batch them with
+    their null labels for classifier-free guidance). Each iteration runs one trajectory: at every step after
+    the first, a teacher forward computing everything and a student forward mixing fresh and cached slot
+    outputs by the router's soft scores; the step's loss ``lambda_t * MSE(student, teacher) + sparsity *
+    sum(s)`` is back-propagated into the router alone; the next state follows the student."""
+    config = config or RouterTrainingConfig()
+    patch: CachingPatch = registry_of(model).get(NAME)
+    router = patch.router
+    if router.num_steps != sampler.num_steps:
+        raise RouteError(f"the router has {router.num_steps} steps but the sampler takes {sampler.num_steps}; "
+                         "build the router for the sampler's step count")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([router.logits], lr=config.lr, weight_decay=0.0)
+    weights = torch.ones(router.num_steps)
+    iterations = range(config.iterations)
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        iterations = tqdm(iterations, desc="router", unit="it")
+    with _frozen(model):
+        for iteration in iterations:
+            x, condition = inputs(generator)
+            if iteration % config.refresh_every == 0:
+                weights = image_error_weights(model, sampler, x, condition, router.plan(config.threshold))
+            patch.table = router.plan(config.threshold)
+            patch.reset_state(check=False)
+            total = 0.0
+            try:
+                for i in range(sampler.num_steps):
+                    patch.paused = True
+                    with torch.no_grad():
+                        teacher = sampler.predict(model, x, i, condition)
+                    patch.paused = False
+                    if i == 0:  # the first step always computes: no scores to learn
+                        with torch.no_grad():
+                            student = sampler.predict(model, x, i, condition)
+                    else:
+                        patch.scores = torch.sigmoid(router.logits)
+                        student = sampler.predict(model, x, i, condition)
+                        patch.scores = None
+                        scores = torch.sigmoid(router.logits[i])
+                        loss = weights[i] * (student.float() - teacher.float()).square().mean() \
+                            + config.sparsity * scores.sum()
+                        loss.backward()
+                        total += float(loss.detach())
+                    x = sampler.update(i, x, student.detach())
+            finally:
+                patch.paused, patch.scores = False, None
+                patch.reset_state(check=False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                router.logits.clamp_(-5.0, 5.0)
+            config.history.append(total)
+            if config.progress:
+                iterations.set_postfix(loss=f"{total:.4g}", computes=f"{_share(router, config.threshold):.0%}")
+    patch.table = router.plan(patch.threshold)
+    return router
+
+
+def _share(router: CacheRouter, threshold: float) -> float:
+    """The share of slot calls the router's plan computes."""
+    table = router.plan(threshold)
+    return sum(map(sum, table)) / (len(table) * len(table[0]))
