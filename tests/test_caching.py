@@ -170,3 +170,58 @@ def test_router_training_trades_error_for_reuse(sparsity, computed):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     x, y = inputs(torch.Generator().manual_seed(1))
     assert torch.isfinite(generate(model, sampler, x, y)).all()
+
+
+@pytest.mark.parametrize("init", [5.0, -5.0])
+def test_it_composes_with_tread_routes_and_routing_guidance(init):
+    """On a TREAD-wrapped model, sampling with routing guidance: each guidance call keeps its own cache, and
+    slots whose block runs on a routed subset of the tokens always compute (another draw's outputs cannot be
+    reused). Computing everything is bitwise the uncached guided sampler; reusing the rest runs to the end."""
+    from tokenroute.sampling import routing_guidance
+
+    def guided_sample(model):
+        guided = routing_guidance(model, g1=0.25, g2=0.5, w=1.5)
+        return sample_with(lambda x, t, y: guided(x, t, y))
+
+    def sample_with(fn):
+        x, _, y = backbone_inputs(2)
+        return flow_euler_sampler(lambda x, t, y: fn(x, torch.full((x.shape[0],), t * 1000.0), y), x, y, steps=STEPS)
+
+    plain = tokenroute.wrap(copy.deepcopy(MODELS["dit"]).eval(), [(1, 2, 0.5)], seed=3)
+    model = copy.deepcopy(plain)
+    apply_caching(model, CachingConfig(router=CacheRouter(STEPS, len(cache_slots(model)), init=init)))
+    out = guided_sample(model)
+    if init > 0:
+        assert torch.equal(out, guided_sample(plain))
+    assert torch.isfinite(out).all()
+    tokenroute.reset_state(model)
+    x, t, y = backbone_inputs(2)
+    unrouted = copy.deepcopy(model)
+    tokenroute.remove_tread(unrouted)  # the cache stays; eval forwards do not route
+    assert torch.isfinite(sample_with(unrouted)).all()
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3"])
+def test_it_runs_in_a_diffusers_scheduler_loop_on_diffusers_models(name):
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler
+    from test_diffusers import build
+
+    from tokenroute.methods.caching import Sampler, generate
+
+    model, inputs = build(name)
+    model.eval()
+    plain = copy.deepcopy(model)
+    noise = inputs.pop("hidden_states")
+    inputs.pop("timestep")
+
+    def call(m, x, timestep, _):
+        return m(hidden_states=x, timestep=timestep.expand(x.shape[0]), **inputs).sample[:, :x.shape[1]]
+
+    sampler = Sampler.from_scheduler(DDIMScheduler(num_train_timesteps=100), STEPS, call)
+    apply_caching(model, CachingConfig(router=CacheRouter(STEPS, len(cache_slots(model)), init=5.0)))
+    assert torch.equal(generate(model, sampler, noise, None), generate(plain, sampler, noise, None))
+    reused = CacheRouter.every(2, STEPS, len(cache_slots(model)))
+    remove_caching(model)
+    apply_caching(model, CachingConfig(router=reused))
+    assert torch.isfinite(generate(model, sampler, noise, None)).all()

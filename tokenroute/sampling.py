@@ -16,6 +16,7 @@ Example, in a diffusers scheduler loop::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -52,13 +53,21 @@ def routing_guidance(
     fn = model if model_fn is None else model_fn
 
     def guided(*args: Any, **kwargs: Any) -> Tensor:
-        with core.routing(model, ratio=g2, enabled=True):
+        with core.routing(model, ratio=g2, enabled=True), _cache_context(model, "routing_weak"):
             weak = output_tensor(fn(*args, **kwargs))
-        with core.routing(model, ratio=g1, enabled=True):
+        with core.routing(model, ratio=g1, enabled=True), _cache_context(model, "routing_strong"):
             strong = output_tensor(fn(*args, **kwargs))
         return weak + w * (strong - weak)
 
     return guided
+
+
+def _cache_context(model: torch.nn.Module, name: str) -> Any:
+    """Each of routing guidance's two calls per step keeps its own feature cache, where one is applied."""
+    from .methods.caching import NAME, caching_context
+
+    registry = core.patches.PatchRegistry.of(model)
+    return caching_context(model, name) if registry is not None and NAME in registry else contextlib.nullcontext()
 
 
 def _batch_time(t: Tensor | float, x: Tensor) -> Tensor:

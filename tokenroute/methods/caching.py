@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 from ..core.blocks import Branch, bind_arguments, block_branches
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.route import RouteError
+from ..core.splice.tracer import tracing
 from ..core.stack import BlockStack
 
 NAME = "caching"
@@ -135,6 +136,8 @@ class CachingPatch(Patch):
         self.current: str | None = None  # the context of the forward under way (None: not a cached forward)
         self.steps: dict[str, int] = {}  # context -> index of its current step
         self.cache: dict[tuple[str, int], Any] = {}
+        self.shapes: dict[tuple[str, int], Any] = {}  # the input shapes each cached output was made for
+        self.registry: Any = None  # the model's patch registry (for the routes running now)
         self.installed: list[tuple[nn.Module, Any]] = []
         self.handles: list[Any] = []
         self.bridge: Any = None  # diffusers' cache context and reset, where the model is a diffusers model
@@ -168,12 +171,13 @@ class CachingPatch(Patch):
             handle.remove()
         self.handles.clear()
         self.cache.clear()
+        self.shapes.clear()
         self.steps.clear()
 
     # -- steps -----------------------------------------------------------------------------------------------
     def _advance(self, block: nn.Module, args: tuple) -> None:
         """A forward of the model starts (its first block is called): in eval, the context's next step."""
-        if block.training or self.paused:
+        if block.training or self.paused or tracing():
             self.current = None
             return
         context = (self.bridge.context(len(self.table)) if self.bridge is not None else None) or self.context
@@ -192,6 +196,7 @@ class CachingPatch(Patch):
         last step (a sampler with fewer steps than the router was made for)."""
         short = {c: s + 1 for c, s in self.steps.items() if s + 1 != len(self.table)} if check else {}
         self.cache.clear()
+        self.shapes.clear()
         self.steps.clear()
         self.current = None
         if short:
@@ -200,8 +205,24 @@ class CachingPatch(Patch):
                 f"{len(self.table)}; sample with {len(self.table)} steps or train a router for your step count")
 
     # -- the slots -------------------------------------------------------------------------------------------
-    def _computes(self, k: int) -> bool:
-        return self.table[self.steps[self.current]][k] or (self.current, k) not in self.cache
+    def _computes(self, k: int, args: tuple, kwargs: dict) -> bool:
+        """Whether slot k computes now: the plan says so, nothing is cached yet, or a route is running its block
+        on a subset of the tokens (drawn anew each call: another subset's outputs cannot be reused). A cached
+        output made for inputs of another shape (a changed batch) is refused."""
+        key = (self.current, k)
+        if self.table[self.steps[self.current]][k] or key not in self.cache or self._reducing():
+            return True
+        shapes = _shapes(args, kwargs)
+        if shapes != self.shapes.get(key):
+            raise RouteError(
+                f"cache slot {self.slots[k].describe()} is called with inputs of shapes {shapes} at step "
+                f"{self.steps[self.current]}, but its cached output was made for {self.shapes.get(key)}: the batch or "
+                "token count changed within a generation. Keep them fixed, or reset between generations")
+        return False
+
+    def _reducing(self) -> bool:
+        splice = self.registry.splice
+        return splice is not None and splice.boundaries.reducing() is not None
 
     def _branch(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
                 *args: Any, **kwargs: Any) -> Any:
@@ -210,9 +231,10 @@ class CachingPatch(Patch):
         key = (self.current, k)
         if self.scores is not None:
             return self._mixed(k, key, original(*args, **kwargs))
-        if self._computes(k):
+        if self._computes(k, args, kwargs):
             out = original(*args, **kwargs)
-            self.cache[key] = out
+            if not self._reducing():
+                self.cache[key], self.shapes[key] = out, _shapes(args, kwargs)
             return out
         return self.cache[key]
 
@@ -223,11 +245,12 @@ class CachingPatch(Patch):
             return original(*args, **kwargs)
         entering = bind_arguments(block, args, kwargs)[stream]
         key = (self.current, k)
-        if self.scores is not None or self._computes(k):
+        if self.scores is not None or self._computes(k, args, kwargs):
             out = original(*args, **kwargs)
             leaving = out if stream_output is None else out[stream_output]
             if self.scores is None:
-                self.cache[key] = (leaving - entering, out)
+                if not self._reducing():
+                    self.cache[key], self.shapes[key] = (leaving - entering, out), _shapes(args, kwargs)
                 return out
             change = self._mixed(k, key, leaving - entering)
             leaving = entering + change
@@ -330,8 +353,16 @@ def apply_caching(model: nn.Module, config: CachingConfig) -> nn.Module:
     registry = PatchRegistry.for_model(model, config.blocks)
     if NAME in registry:
         raise RouteError(f"{type(model).__name__} already has a feature cache; remove_caching(model) first")
-    registry.apply(CachingPatch(config, registry.stack))
+    patch = CachingPatch(config, registry.stack)
+    patch.registry = registry
+    registry.apply(patch)
     return model
+
+
+def _shapes(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a call's tensor arguments (what a cached output was made for)."""
+    leaves = [*args, *kwargs.values()]
+    return tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def remove_caching(model: nn.Module) -> nn.Module:
@@ -343,9 +374,10 @@ def remove_caching(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def caching_context(model: nn.Module, name: str) -> Iterator[None]:
     """Calls inside count their steps and keep their cache under ``name`` (classifier-free guidance run as
-    separate conditional and unconditional calls)."""
+    separate conditional and unconditional calls); nested contexts compose ("uncond/routing_weak")."""
     patch = registry_of(model).get(NAME)
-    saved, patch.context = patch.context, name
+    saved = patch.context
+    patch.context = name if saved == "default" else f"{saved}/{name}"
     try:
         yield
     finally:
@@ -418,7 +450,8 @@ def generate(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any
              table: list[tuple[bool, ...]] | None = None) -> torch.Tensor:
     """Run the sampler from ``x`` with the cache following ``table`` (default: the router's plan; every slot
     computing where the model has no cache) and return the final state; the cache is reset before and after."""
-    patch = registry_of(model).get(NAME) if NAME in registry_of(model) else None
+    registry = PatchRegistry.of(model)
+    patch = registry.get(NAME) if registry is not None and NAME in registry else None
     saved = patch.table if patch is not None else None
     if patch is not None:
         patch.table = table if table is not None else saved

@@ -99,16 +99,22 @@ class Boundaries:
 
         return tuple(back(v, r) for v, r in zip(values, routed))
 
-    def explain_failure(self, err: Exception, paths: list[str]) -> RouteError | None:
-        """An error raised while a segment's blocks ran on a subset of the tokens, as a RouteError that says
-        why; None where no segment was reducing the stream (the model's own error stands)."""
+    def reducing(self) -> str | None:
+        """What the blocks running now run on ('8 of 16 tokens'), where a segment reduces the stream; else None.
+        Other methods read it (a cache must not reuse outputs computed on another subset of the tokens)."""
         i = self.open
         if i is None or self.runs[i] is None:
             return None
-        segment = self.plan.segments[i]
-        reduction = segment.operation.reduction(self.runs[i])
+        return self.plan.segments[i].operation.reduction(self.runs[i])
+
+    def explain_failure(self, err: Exception, paths: list[str]) -> RouteError | None:
+        """An error raised while a segment's blocks ran on a subset of the tokens, as a RouteError that says
+        why; None where no segment was reducing the stream (the model's own error stands)."""
+        reduction = self.reducing()
         if reduction is None:
             return None
+        i = self.open
+        segment = self.plan.segments[i]
         route = segment.route
         return RouteError(
             f"{type(err).__name__} while route {i} ({segment.method}, {paths[route.start]} .. "

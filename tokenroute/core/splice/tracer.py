@@ -75,6 +75,15 @@ class ConcreteProxy(fx.Proxy):
     __int__ = __float__ = __index__
 
 
+_TRACING = 0
+
+
+def tracing() -> bool:
+    """Whether a spliced forward is being traced now (on fake values): methods that keep state across calls (a
+    feature cache counting steps) ignore the blocks' calls the trace makes."""
+    return _TRACING > 0
+
+
 class ConcreteTracer(fx.Tracer):
     """Traces ``root`` on real inputs; modules outside ``traced`` and everything in ``leaves`` stay leaves."""
 
@@ -180,6 +189,14 @@ class ConcreteTracer(fx.Tracer):
                 setattr(torch, name, fn)
 
     def trace_with(self, root: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.Graph:
+        global _TRACING
+        _TRACING += 1
+        try:
+            return self._trace_with(root, example)
+        finally:
+            _TRACING -= 1
+
+    def _trace_with(self, root: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> fx.Graph:
         """Trace ``root.forward(example)``, specialised to the shapes, dtypes and devices of ``example``.
         Tensors that modules stored on themselves while running on fake values (a lazily built cache) are
         put back as they were: the real forwards that follow must never meet a fake tensor."""
