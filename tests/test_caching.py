@@ -225,3 +225,21 @@ def test_it_runs_in_a_diffusers_scheduler_loop_on_diffusers_models(name):
     remove_caching(model)
     apply_caching(model, CachingConfig(router=reused))
     assert torch.isfinite(generate(model, sampler, noise, None)).all()
+
+
+def test_a_router_saves_and_loads_as_safetensors(tmp_path):
+    router = CacheRouter.every(3, STEPS, 8)
+    router.save(tmp_path / "router.safetensors")
+    loaded = CacheRouter.load(tmp_path / "router.safetensors")
+    assert torch.equal(loaded.logits, router.logits) and loaded.plan(0.1) == router.plan(0.1)
+
+
+def test_the_cached_model_compiles():
+    """The plan is a fixed table read on the host: the compiled model samples as the eager one does."""
+    eager = cached("dit", lambda slots: CacheRouter.every(2, STEPS, slots))
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    expected = sample(eager)
+    got = sample(compiled)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    tokenroute.reset_state(eager), tokenroute.reset_state(compiled_model)

@@ -52,6 +52,11 @@ class Slot:
         return f"{self.path}.{self.branch.path} ({self.branch.kind})" if self.branch else f"{self.path} (residual)"
 
 
+def _slot_module(stack: BlockStack, slot: Slot) -> nn.Module:
+    block = stack.blocks[slot.block]
+    return block.get_submodule(slot.branch.path) if slot.branch else block
+
+
 def cache_slots(model_or_stack: nn.Module | BlockStack) -> list[Slot]:
     """The cache slots of a model's block stack, in block order: each block's branches where they are known
     (``tokenroute.block_branches``), else the block as a whole."""
@@ -91,6 +96,23 @@ class CacheRouter(nn.Module):
         router = cls(num_steps, num_slots, init=-5.0)
         with torch.no_grad():
             router.logits[::k] = 5.0
+        return router
+
+    def save(self, path: str) -> None:
+        """Write the logits as safetensors."""
+        from safetensors.torch import save_file
+
+        save_file({"logits": self.logits.detach().cpu().contiguous()}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CacheRouter":
+        """A router from a safetensors file written by ``save``."""
+        from safetensors.torch import load_file
+
+        logits = load_file(path)["logits"]
+        router = cls(*logits.shape)
+        with torch.no_grad():
+            router.logits.copy_(logits)
         return router
 
     def plan(self, threshold: float) -> list[tuple[bool, ...]]:
@@ -147,8 +169,7 @@ class CachingPatch(Patch):
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
         for k, slot in enumerate(self.slots):
-            block = stack.blocks[slot.block]
-            module = block.get_submodule(slot.branch.path) if slot.branch else block
+            block, module = stack.blocks[slot.block], _slot_module(stack, slot)
             previous = module.__dict__.get("forward")
             call = self._branch if slot.branch else self._residual
             module.forward = functools.partial(call, k, module.forward, stack.specs[slot.block].stream,
@@ -280,8 +301,11 @@ class CachingPatch(Patch):
     def describe(self, stack: BlockStack) -> list[str]:
         computed = sum(sum(row) for row in self.table)
         total = len(self.table) * len(self.slots)
+        weights = [sum(p.numel() for p in _slot_module(stack, slot).parameters()) for slot in self.slots]
+        skipped = sum(w for row in self.table for w, c in zip(weights, row) if not c) / max(sum(weights) * len(self.table), 1)
         lines = [f"  feature cache: {len(self.slots)} slots over {len(self.table)} steps, threshold {self.threshold}; "
-                 f"computes {computed} of {total} slot calls ({1 - computed / total:.0%} reused)"]
+                 f"computes {computed} of {total} slot calls ({1 - computed / total:.0%} reused, about {skipped:.0%} of "
+                 "the slots' FLOPs skipped, weighting each slot by its parameters)"]
         for t, row in enumerate(self.table):
             lines.append(f"    step {t:>3}: " + "".join("#" if c else "." for c in row))
         return lines
