@@ -243,3 +243,24 @@ def test_the_cached_model_compiles():
     got = sample(compiled)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     tokenroute.reset_state(eager), tokenroute.reset_state(compiled_model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_first_block_cache_rule(name):
+    """Threshold 0 never skips (bitwise the uncached model); a huge one skips the rest of the stack at every
+    step after the first, so the stack's output moves only by the first block's change."""
+    from tokenroute.methods.caching import FirstBlockCacheConfig, apply_first_block_cache, remove_first_block_cache
+
+    model = apply_first_block_cache(copy.deepcopy(MODELS[name]).eval(), FirstBlockCacheConfig(threshold=0.0))
+    assert torch.equal(sample(model), sample(MODELS[name].eval()))
+    remove_first_block_cache(model)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=1e9))
+    stack = tokenroute.core.find_stack(model)
+    seen = []
+    stack.blocks[0].register_forward_hook(lambda m, a, out: seen.append(("first", a[0], out)))
+    stack.blocks[-1].register_forward_hook(lambda m, a, out: seen.append(("last", a[0], out)))
+    sample(model)
+    assert "skipped the rest of the stack in 4 of 5" in tokenroute.explain(model)
+    (_, _, first0), (_, _, last0) = seen[0], seen[1]
+    for (_, _, first), (_, _, last) in zip(seen[2::2], seen[3::2]):
+        torch.testing.assert_close(last - first, last0 - first0, rtol=0, atol=1e-5)

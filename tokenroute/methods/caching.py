@@ -408,6 +408,115 @@ def caching_context(model: nn.Module, name: str) -> Iterator[None]:
         patch.context = saved
 
 
+# -- a training-free baseline: FirstBlockCache's rule --------------------------------------------------------------
+
+FIRST_BLOCK = "first_block_cache"
+
+
+@dataclass(kw_only=True)
+class FirstBlockCacheConfig:
+    """threshold: the rest of the stack is skipped at a step where the first block's change to the stream moved
+    by less than this (mean absolute difference over mean absolute value) since the last step that ran it."""
+
+    threshold: float = 0.05
+    blocks: str | list[str] | None = None
+
+
+class FirstBlockCachePatch(Patch):
+    """diffusers' FirstBlockCache rule on any block stack: every eval forward runs the first block; where its
+    residual barely changed since the last full step, the other blocks are skipped and the stream leaving the
+    stack is the first block's output plus the rest's change cached at that step. One host synchronisation per
+    call (the comparison), as in diffusers."""
+
+    name = FIRST_BLOCK
+    order = 31
+    title = "first-block cache"
+
+    def __init__(self, config: FirstBlockCacheConfig):
+        super().__init__()
+        if config.threshold < 0:
+            raise RouteError(f"FirstBlockCacheConfig.threshold={config.threshold} must be non-negative")
+        self.threshold = config.threshold
+        self.installed: list[tuple[nn.Module, Any]] = []
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.first: torch.Tensor | None = None  # the first block's residual at the last full step
+        self.rest: torch.Tensor | None = None  # the other blocks' change to the stream at that step
+        self.outputs: dict[int, Any] = {}  # each block's full output then (its other items: text)
+        self.skipping = False
+        self.entering: torch.Tensor | None = None
+        self.calls = self.skipped = 0
+
+    def attach(self, stack: BlockStack) -> None:
+        for position, block in enumerate(stack.blocks):
+            spec = stack.specs[position]
+            previous = block.__dict__.get("forward")
+            block.forward = functools.partial(self._block, position, len(stack.blocks), block.forward, spec.stream,
+                                              spec.stream_output, block)
+            self.installed.append((block, previous))
+
+    def detach(self, stack: BlockStack) -> None:
+        for module, previous in reversed(self.installed):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self.installed.clear()
+        self.reset_state()
+
+    def _block(self, position: int, depth: int, original: Any, stream: str, stream_output: int | None,
+               block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if block.training or tracing():
+            return original(*args, **kwargs)
+        entering = bind_arguments(block, args, kwargs)[stream]
+        if position == 0:
+            out = original(*args, **kwargs)
+            leaving = out if stream_output is None else out[stream_output]
+            residual = leaving - entering
+            self.calls += 1
+            self.skipping = self.first is not None and self.first.shape == residual.shape and bool(
+                (residual - self.first).abs().mean() < self.threshold * self.first.abs().mean())
+            if not self.skipping:
+                self.first, self.entering = residual, leaving
+            else:
+                self.skipped += 1
+            return out
+        if not self.skipping:
+            out = original(*args, **kwargs)
+            self.outputs[position] = out
+            if position == depth - 1:
+                leaving = out if stream_output is None else out[stream_output]
+                self.rest = leaving - self.entering
+            return out
+        cached = self.outputs[position]
+        leaving = entering + self.rest if position == depth - 1 else entering
+        if stream_output is None:
+            return leaving
+        out = list(cached)
+        out[stream_output] = leaving
+        return tuple(out)
+
+    def describe(self, stack: BlockStack) -> list[str]:
+        return [f"  first-block cache: threshold {self.threshold}; skipped the rest of the stack in {self.skipped} of "
+                f"{self.calls} eval forwards since the last reset"]
+
+
+def apply_first_block_cache(model: nn.Module, config: FirstBlockCacheConfig | None = None) -> nn.Module:
+    """FirstBlockCache's rule on ``model``'s block stack (a training-free baseline for the learned cache)."""
+    config = config or FirstBlockCacheConfig()
+    registry = PatchRegistry.for_model(model, config.blocks)
+    if FIRST_BLOCK in registry or NAME in registry:
+        raise RouteError(f"{type(model).__name__} already has a feature cache; remove it first")
+    registry.apply(FirstBlockCachePatch(config))
+    return model
+
+
+def remove_first_block_cache(model: nn.Module) -> nn.Module:
+    remove_patch(model, FIRST_BLOCK)
+    return model
+
+
 # -- router training ---------------------------------------------------------------------------------------------
 
 @dataclass
