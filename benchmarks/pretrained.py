@@ -1,0 +1,150 @@
+"""The project's pretrained model to measure inference methods on (feature caching, local attention, token
+density): a class-conditional DiT trained on Fashion-MNIST with rectified flow, on the GPU in a few minutes.
+
+No pretrained diffusion weights exist offline, so the benchmarks train their own and cache them outside the
+repository (``$TOKENROUTE_CACHE``, default ``~/.cache/tokenroute``), with the facts of the run beside them:
+
+    python benchmarks/pretrained.py                      # build (or rebuild) dit-small-fmnist on the GPU
+    python benchmarks/pretrained.py --minutes 1 --cpu    # a quick stand-in on the CPU
+
+In code (benchmarks folder on ``sys.path``)::
+
+    import pretrained
+    model, facts = pretrained.load("dit-small-fmnist", device="cuda")   # refuses, with the command, if missing
+
+The model predicts the flow velocity ``noise - x0`` from ``(x, t * 1000, y)`` (label 10 is the null label for
+classifier-free guidance); ``sampler(steps)`` gives the matching ``tokenroute.methods.caching.Sampler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tokenroute.training import (EMA, build_model, drop_labels, load_fashion_mnist, make_task, model_config,
+                                 pad_images, to_model_range)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_device, environment  # noqa: E402
+
+NAME = "dit-small-fmnist"
+TIME_SCALE = 1000.0  # the backbone sees t * 1000, as the flow task of the examples does
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKENROUTE_CACHE", Path.home() / ".cache" / "tokenroute"))
+
+
+def paths(name: str = NAME) -> tuple[Path, Path]:
+    """The weights (safetensors) and the facts of the run that made them (JSON)."""
+    folder = cache_dir() / "pretrained"
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", minutes: float = 4.0,
+          batch_size: int = 256, lr: float = 3e-4, label_dropout: float = 0.1, seed: int = 0,
+          device: torch.device | None = None, data_dir: str | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Train for ``minutes`` of wall time (bf16 autocast on CUDA, fused AdamW, EMA 0.999) and write the EMA
+    weights and the run's facts (``out``: a folder to write them to instead of the cache)."""
+    device = device or bench_device()
+    torch.manual_seed(seed)
+    images, labels = load_fashion_mnist(data_dir, splits=("train",), download=False)
+    data = to_model_range(pad_images(images)).to(device)
+    labels = labels.to(device)
+    model = build_model(backbone, preset).to(device)
+    ema = EMA(model, decay=0.999)
+    task = make_task("flow")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    null = model.num_classes
+    start, step, losses = time.perf_counter(), 0, []
+    model.train()
+    while time.perf_counter() - start < minutes * 60:
+        index = torch.randint(0, data.shape[0], (batch_size,), device=device, generator=generator)
+        x0, y = data[index], drop_labels(labels[index], label_dropout, null, generator)
+        batch = task.objective.prepare(x0, generator=generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            prediction = model(batch.model_input, batch.timestep * TIME_SCALE, y)
+        loss = (prediction.float() - batch.target).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step)
+        step += 1
+        if step % 100 == 0:
+            losses.append((step, float(loss.detach())))
+    weights_path, facts_path = paths(name) if out is None else (out / f"{name}.safetensors", out / f"{name}.json")
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}, str(weights_path))
+    facts = {"name": name, "backbone": backbone, "preset": preset, "config": model_config(backbone, preset),
+             "objective": "flow (rectified flow, velocity noise - x0), backbone time t * 1000, null label "
+                          f"{null}", "steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr,
+             "label_dropout": label_dropout, "seed": seed, "losses": losses, "environment": environment(),
+             "command": "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])}
+    facts_path.write_text(json.dumps(facts, indent=1) + "\n")
+    return facts
+
+
+def load(name: str = NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The cached pretrained model (eval mode) and its facts; refuses with the command that builds it."""
+    weights_path, facts_path = paths(name)
+    if not weights_path.exists() or not facts_path.exists():
+        raise SystemExit(f"no pretrained {name} in {weights_path.parent}; build it on a GPU with "
+                         f"`python benchmarks/pretrained.py` (a few minutes), or set TOKENROUTE_CACHE")
+    from safetensors.torch import load_file
+
+    facts = json.loads(facts_path.read_text())
+    model = build_model(facts["backbone"], facts["preset"])
+    model.load_state_dict(load_file(str(weights_path)))
+    return model.to(device).eval(), facts
+
+
+def velocity(model: torch.nn.Module, x: torch.Tensor, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's flow velocity at time t (1 = noise, 0 = data)."""
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    return model(x, t * TIME_SCALE, y)
+
+
+def sampler(steps: int, cfg_scale: float = 1.0, null_label: int = 10):
+    """The Euler sampler of the flow ODE as a ``tokenroute.methods.caching.Sampler``; with ``cfg_scale`` > 1
+    classifier-free guidance runs batched (conditional and null labels in one call)."""
+    from tokenroute.methods.caching import Sampler
+
+    def call(model: torch.nn.Module, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        if cfg_scale == 1.0:
+            return velocity(model, x, t, y)
+        both = velocity(model, torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = both.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return Sampler.flow_euler(steps, call)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default=NAME)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--minutes", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache folder")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args(argv)
+    facts = train(args.name, preset=args.preset, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                  device=bench_device(cpu=args.cpu), data_dir=args.data_dir, out=args.out)
+    print(json.dumps({k: facts[k] for k in ("name", "preset", "steps", "minutes")}))
+    return facts
+
+
+if __name__ == "__main__":
+    main()
