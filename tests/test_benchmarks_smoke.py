@@ -247,3 +247,20 @@ def test_throughput_targets(model, achieved, routed, off, expected):
     result = {"model": model, "achieved_over_ideal": achieved, "routed_over_handwritten_time": routed,
               "wrapped_off_over_unwrapped_time": off}
     assert throughput.meets_targets(result) == expected
+
+
+@pytest.mark.slow
+def test_caching_benchmark_smoke(fid, data_dir, tmp_path, monkeypatch):
+    """benchmarks/caching.py end to end on the CPU: a pretrained stand-in trained on the synthetic data and cached
+    outside the repository, every kind of variant, the JSON and the plot."""
+    import caching
+
+    monkeypatch.setenv("TOKENROUTE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "caching.json"
+    payload = caching.main(["--cpu", "--smoke", "--data-dir", str(data_dir), "--out", str(out)])
+    run = payload["runs"]["20"]["variants"]
+    assert {r["kind"] for r in run.values()} == {"none", "learned", "every", "first_block"}
+    assert run["every 2 steps"]["flops_per_image"] < run["no cache"]["flops_per_image"]
+    assert all(math.isfinite(r["fid"]) for r in run.values())
+    assert json.loads(out.read_text())["model"]["preset"] == "tiny" and is_png(out.with_suffix(".png"))
+    assert (tmp_path / "cache" / "pretrained").is_dir()

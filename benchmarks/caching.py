@@ -1,0 +1,217 @@
+"""Feature caching at sampling, measured: the learned cache (HarmoniCa's router) against the fixed pattern (FORA,
+every k-th step) and FirstBlockCache's rule, on the project's pretrained DiT (``pretrained.py``).
+
+For 20 and 50 Euler steps of the flow ODE with classifier-free guidance (batched): sampling latency at a batch that
+fills the GPU and at batch 1 (interleaved across variants, after warm-up, CUDA events, medians), FLOPs of one
+generation at batch 1 (what runs: reused slots cost nothing), and FID against the Fashion-MNIST test set in the
+project's classifier's feature space (``fid.py``; its accuracy is recorded beside). Writes
+``results/caching.json`` and ``results/caching.png``.
+
+    python benchmarks/caching.py                   # on the GPU (trains the pretrained model first if missing)
+    python benchmarks/caching.py --cpu --smoke     # a smoke run on the CPU: tiny model, few samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenroute
+from tokenroute.methods.caching import (CacheRouter, CachingConfig, FirstBlockCacheConfig, RouterTrainingConfig,
+                                        apply_caching, apply_first_block_cache, cache_slots, generate, train_router)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fid  # noqa: E402
+import pretrained  # noqa: E402
+from common import Timer, bench_device, environment, median, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """(label, kind, parameter) of every variant measured."""
+    out = [("no cache", "none", 0.0)]
+    out += [(f"learned, sparsity {s:g}", "learned", s) for s in args.sparsity]
+    out += [(f"every {k} steps", "every", k) for k in args.every]
+    out += [(f"first-block {t:g}", "first_block", t) for t in args.first_block]
+    return out
+
+
+def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampler: Any, args: argparse.Namespace,
+          device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A copy of ``model`` with the variant applied (a learned router trained first), and what it took."""
+    variant, facts = copy.deepcopy(model), {}
+    slots = len(cache_slots(variant))
+    if kind == "every":
+        apply_caching(variant, CachingConfig(router=CacheRouter.every(int(parameter), steps, slots)))
+    elif kind == "first_block":
+        apply_first_block_cache(variant, FirstBlockCacheConfig(threshold=parameter))
+    elif kind == "learned":
+        router = CacheRouter(steps, slots, init=args.router_init).to(device)
+        apply_caching(variant, CachingConfig(router=router))
+
+        def inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = torch.randn(args.router_batch, 1, 32, 32, generator=generator).to(device)
+            return noise, torch.randint(0, 10, (args.router_batch,), generator=generator).to(device)
+
+        config = RouterTrainingConfig(iterations=args.router_iterations, lr=args.router_lr, sparsity=parameter,
+                                      refresh_every=args.refresh_every, progress=not args.smoke)
+        began = time.perf_counter()
+        train_router(variant, sampler, inputs, config)
+        facts = {"router_training_s": time.perf_counter() - began, "router_loss_first": config.history[0],
+                 "router_loss_last": config.history[-1]}
+    if kind in ("learned", "every"):
+        table = tokenroute.core.patches.registry_of(variant).get("caching").table
+        facts["slot_calls_computed"] = sum(map(sum, table)) / (len(table) * len(table[0]))
+    return variant, facts
+
+
+def images(model: torch.nn.Module, sampler: Any, num: int, batch: int, device: torch.device,
+           seed: int = 0) -> torch.Tensor:
+    """``num`` samples, classes in turn, from fixed noise; uint8 (num, 1, 32, 32)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        noise = torch.randn(n, 1, 32, 32, generator=generator).to(device)
+        labels = (torch.arange(start, start + n) % 10).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = generate(model, sampler, noise, labels)
+        out.append(fid.to_uint8(x.float().clamp(-1, 1)).cpu())
+        _reset(model)
+    return torch.cat(out)
+
+
+def _reset(model: torch.nn.Module) -> None:
+    if tokenroute.is_wrapped(model):
+        tokenroute.core.patches.registry_of(model).reset_state()
+
+
+def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, device: torch.device,
+              repeats: int) -> dict[str, float]:
+    """Milliseconds per generation of ``batch`` images: variants interleaved, after a warm-up, medians."""
+    timer = Timer(device)
+    noise = torch.randn(batch, 1, 32, 32, device=device)
+    labels = torch.arange(batch, device=device) % 10
+
+    def run(model: torch.nn.Module) -> Callable[[], Any]:
+        def once() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                generate(model, sampler, noise, labels)
+        return once
+
+    for model in models.values():
+        run(model)()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(timer(run(model), 1))
+    return {name: median(values) for name, values in times.items()}
+
+
+def flops(model: torch.nn.Module, sampler: Any, device: torch.device) -> int:
+    """FLOPs of one generation of one image (classifier-free guidance batched: two rows)."""
+    with FlopCounterMode(display=False) as counter:
+        generate(model, sampler, torch.randn(1, 1, 32, 32, device=device), torch.zeros(1, dtype=torch.long,
+                                                                                        device=device))
+    return int(counter.get_total_flops())
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = payload["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
+    for ax, (steps, run) in zip(axes[0], runs.items()):
+        for kind, marker in (("learned", "o"), ("every", "s"), ("first_block", "^"), ("none", "*")):
+            rows = [r for r in run["variants"].values() if r["kind"] == kind]
+            if rows:
+                ax.plot([r["speedup_full_batch"] for r in rows], [r["fid"] for r in rows], marker, ls="-" if len(rows) > 1
+                        else "", label=kind.replace("_", "-"), ms=8)
+        ax.set_xlabel("sampling speed-up at a full batch (x)")
+        ax.set_ylabel(f"FID ({payload['fid_features']})")
+        ax.set_title(f"{steps} steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Feature caching on the pretrained DiT ({payload['environment']['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--every", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--first-block", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--fid-samples", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=1000, help="a batch that fills the GPU")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--router-iterations", type=int, default=200)
+    parser.add_argument("--router-batch", type=int, default=32)
+    parser.add_argument("--router-lr", type=float, default=0.05)
+    parser.add_argument("--router-init", type=float, default=2.0)
+    parser.add_argument("--refresh-every", type=int, default=50)
+    parser.add_argument("--train-minutes", type=float, default=4.0, help="for the pretrained model, if missing")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST's idx files; default: the system's")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few samples: checks the script runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "caching.json")
+    args = parser.parse_args(argv)
+    device = bench_device(cpu=args.cpu)
+    if args.smoke:
+        args.fid_samples, args.batch, args.repeats, args.router_iterations = 40, 20, 1, 3
+        args.router_batch, args.refresh_every = 4, 2
+        args.steps, args.sparsity, args.every, args.first_block = args.steps[:1], args.sparsity[:1], args.every[:1], \
+            args.first_block[:1]
+    name = pretrained.NAME + ("-smoke" if args.smoke else "")
+    weights, _ = pretrained.paths(name)
+    if not weights.exists():
+        pretrained.train(name, preset="tiny" if args.smoke else "small", minutes=0.05 if args.smoke else args.train_minutes,
+                         batch_size=16 if args.smoke else 256, device=device, data_dir=args.data_dir)
+    model, model_facts = pretrained.load(name, device=device)
+    real, _ = fid.load_split("t10k", args.data_dir)
+    meter = fid.FIDMeter(real[: max(args.fid_samples, 2)], device=device)
+    payload: dict[str, Any] = {"environment": environment(), "config": vars(args) | {"out": str(args.out)},
+                               "model": {k: model_facts[k] for k in ("name", "preset", "steps", "minutes", "command")},
+                               "fid_features": f"Fashion-MNIST classifier, test accuracy "
+                                               f"{fid.classifier_info()['test_accuracy']:.4f}",
+                               "runs": {}}
+    for steps in args.steps:
+        sampler = pretrained.sampler(steps, cfg_scale=args.cfg_scale)
+        built = {label: (kind, parameter, *build(model, kind, parameter, steps, sampler, args, device))
+                 for label, kind, parameter in variants(args)}
+        models = {label: entry[2] for label, entry in built.items()}
+        full = latencies(models, sampler, args.batch, device, args.repeats)
+        single = latencies(models, sampler, 1, device, args.repeats)
+        run: dict[str, Any] = {"variants": {}}
+        for label, (kind, parameter, variant, facts) in built.items():
+            score = meter(images(variant, sampler, args.fid_samples, args.batch, device))
+            run["variants"][label] = {
+                "kind": kind, "parameter": parameter, "ms_full_batch": full[label], "ms_batch_1": single[label],
+                "speedup_full_batch": full["no cache"] / full[label], "speedup_batch_1": single["no cache"] / single[label],
+                "flops_per_image": flops(variant, sampler, device), "fid": score, **facts}
+            print(f"{steps} steps  {label:<28} {full['no cache'] / full[label]:5.2f}x  FID {score:7.3f}", flush=True)
+        base = run["variants"]["no cache"]["fid"]
+        run["targets"] = {"speedup_1_5_within_5pct_fid": [
+            label for label, r in run["variants"].items()
+            if r["speedup_full_batch"] >= 1.5 and r["fid"] <= 1.05 * base]}
+        payload["runs"][str(steps)] = run
+    write_json(args.out, payload)
+    plot(payload, args.out.with_suffix(".png"))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
