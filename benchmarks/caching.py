@@ -9,6 +9,7 @@ project's classifier's feature space (``fid.py``; its accuracy is recorded besid
 
     python benchmarks/caching.py                   # on the GPU (trains the pretrained model first if missing)
     python benchmarks/caching.py --cpu --smoke     # a smoke run on the CPU: tiny model, few samples
+    python benchmarks/caching.py --merge a.json b.json   # runs made in separate calls, into one JSON and plot
 """
 
 from __future__ import annotations
@@ -168,7 +169,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few samples: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "caching.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge these results (per step count)")
     args = parser.parse_args(argv)
+    if args.merge:
+        import json
+
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        payload = parts[0] | {"runs": {k: v for part in parts for k, v in part["runs"].items()},
+                              "configs": [part["config"] for part in parts]}
+        write_json(args.out, payload)
+        plot(payload, args.out.with_suffix(".png"))
+        return payload
     device = bench_device(cpu=args.cpu)
     if args.smoke:
         args.fid_samples, args.batch, args.repeats, args.router_iterations = 40, 20, 1, 3
