@@ -65,7 +65,8 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
         config = RouterTrainingConfig(iterations=args.router_iterations, lr=args.router_lr, sparsity=parameter,
                                       refresh_every=args.refresh_every, progress=not args.smoke)
         began = time.perf_counter()
-        train_router(variant, sampler, inputs, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            train_router(variant, sampler, inputs, config)
         facts = {"router_training_s": time.perf_counter() - began, "router_loss_first": config.history[0],
                  "router_loss_last": config.history[-1]}
     if kind in ("learned", "every"):
@@ -189,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = pretrained.NAME + ("-smoke" if args.smoke else "")
     weights, _ = pretrained.paths(name)
     if not weights.exists():
-        pretrained.train(name, preset="tiny" if args.smoke else "small", minutes=0.05 if args.smoke else args.train_minutes,
+        pretrained.train(name, preset="tiny" if args.smoke else "small", size={} if args.smoke else None,
+                         minutes=0.05 if args.smoke else args.train_minutes,
                          batch_size=16 if args.smoke else 256, device=device, data_dir=args.data_dir)
     model, model_facts = pretrained.load(name, device=device)
     real, _ = fid.load_split("t10k", args.data_dir)

@@ -36,6 +36,8 @@ from common import bench_device, environment  # noqa: E402
 
 NAME = "dit-small-fmnist"
 TIME_SCALE = 1000.0  # the backbone sees t * 1000, as the flow task of the examples does
+# The small preset's patch size (256 tokens) at a width and depth whose bf16 weights (about 14 MB) travel as one file
+SIZE = dict(hidden_size=224, depth=8, num_heads=4)
 
 
 def cache_dir() -> Path:
@@ -48,7 +50,8 @@ def paths(name: str = NAME) -> tuple[Path, Path]:
     return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
-def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", minutes: float = 4.0,
+def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", size: dict[str, int] | None = None,
+          minutes: float = 4.0,
           batch_size: int = 256, lr: float = 3e-4, label_dropout: float = 0.1, seed: int = 0,
           device: torch.device | None = None, data_dir: str | None = None, out: Path | None = None) -> dict[str, Any]:
     """Train for ``minutes`` of wall time (bf16 autocast on CUDA, fused AdamW, EMA 0.999) and write the EMA
@@ -58,7 +61,8 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", min
     images, labels = load_fashion_mnist(data_dir, splits=("train",), download=False)
     data = to_model_range(pad_images(images)).to(device)
     labels = labels.to(device)
-    model = build_model(backbone, preset).to(device)
+    size = dict(SIZE if size is None else size)
+    model = build_model(backbone, preset, **size).to(device)
     ema = EMA(model, decay=0.999)
     task = make_task("flow")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
@@ -84,8 +88,10 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", min
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in ema.state_dict().items()}, str(weights_path))
-    facts = {"name": name, "backbone": backbone, "preset": preset, "config": model_config(backbone, preset),
+    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in ema.state_dict().items()},
+              str(weights_path))  # bf16: the weights travel as one file of a few MB
+    facts = {"name": name, "backbone": backbone, "preset": preset, "size": size,
+             "config": model_config(backbone, preset) | size,
              "objective": "flow (rectified flow, velocity noise - x0), backbone time t * 1000, null label "
                           f"{null}", "steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr,
              "label_dropout": label_dropout, "seed": seed, "losses": losses, "environment": environment(),
@@ -103,8 +109,8 @@ def load(name: str = NAME, device: torch.device | str = "cpu") -> tuple[torch.nn
     from safetensors.torch import load_file
 
     facts = json.loads(facts_path.read_text())
-    model = build_model(facts["backbone"], facts["preset"])
-    model.load_state_dict(load_file(str(weights_path)))
+    model = build_model(facts["backbone"], facts["preset"], **facts.get("size", {}))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(weights_path)).items()})
     return model.to(device).eval(), facts
 
 
@@ -133,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--width", type=int, default=SIZE["hidden_size"])
+    parser.add_argument("--depth", type=int, default=SIZE["depth"])
+    parser.add_argument("--heads", type=int, default=SIZE["num_heads"])
     parser.add_argument("--minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -140,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache folder")
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
-    facts = train(args.name, preset=args.preset, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+    facts = train(args.name, preset=args.preset, size=dict(hidden_size=args.width, depth=args.depth,
+                                                              num_heads=args.heads), minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                   device=bench_device(cpu=args.cpu), data_dir=args.data_dir, out=args.out)
     print(json.dumps({k: facts[k] for k in ("name", "preset", "steps", "minutes")}))
     return facts
