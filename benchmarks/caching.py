@@ -216,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "speedup_full_batch": full["no cache"] / full[label], "speedup_batch_1": single["no cache"] / single[label],
                 "flops_per_image": flops(variant, sampler, device), "fid": score, **facts}
             print(f"{steps} steps  {label:<28} {full['no cache'] / full[label]:5.2f}x  FID {score:7.3f}", flush=True)
+            payload["runs"][str(steps)] = run
+            write_json(args.out, payload)  # what is measured so far survives a time limit
         base = run["variants"]["no cache"]["fid"]
         run["targets"] = {"speedup_1_5_within_5pct_fid": [
             label for label, r in run["variants"].items()
