@@ -580,14 +580,17 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def generate(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any,
-             table: list[tuple[bool, ...]] | None = None) -> torch.Tensor:
+             table: list[tuple[bool, ...]] | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Run the sampler from ``x`` with the cache following ``table`` (default: the router's plan; every slot
-    computing where the model has no cache) and return the final state; the cache is reset before and after."""
+    computing where the model has no cache) and return the final state; the cache is reset before and after.
+    ``scores`` [steps, slots]: mix fresh and cached outputs by these soft scores instead, as router training's
+    student does (1 computes, 0 reuses)."""
     registry = PatchRegistry.of(model)
     patch = registry.get(NAME) if registry is not None and NAME in registry else None
     saved = patch.table if patch is not None else None
     if patch is not None:
         patch.table = table if table is not None else saved
+        patch.scores = scores
         patch.reset_state(check=False)
     try:
         for i in range(sampler.num_steps):
@@ -595,24 +598,31 @@ def generate(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any
     finally:
         if patch is not None:
             patch.reset_state(check=False)
-            patch.table = saved
+            patch.table, patch.scores = saved, None
     return x
 
 
 def image_error_weights(model: nn.Module, sampler: Sampler, x: torch.Tensor, condition: Any,
-                        table: list[tuple[bool, ...]]) -> torch.Tensor:
-    """lambda_t: how much caching at step t (as ``table`` plans it) increases the final image's error against the
-    uncached generation, switched on cumulatively from the last step back; normalised to mean 1."""
-    steps, slots = len(table), len(table[0])
+                        router: CacheRouter, threshold: float) -> torch.Tensor:
+    """lambda_t (HarmoniCa's image-error proxy): how much mixing by the router's current soft scores at step t
+    increases the final image's error against the uncached generation, switched on cumulatively from the last
+    step back. Normalised to mean 1; uniform where no step changes the image (yet)."""
+    steps, slots = router.num_steps, router.num_slots
     everything = [tuple([True] * slots)] * steps
+    soft = torch.sigmoid(router.logits.detach().float())
     reference = generate(model, sampler, x, condition, everything)
     errors = torch.zeros(steps + 1)
+    plan = router.plan(threshold)
     for t in range(steps - 1, 0, -1):
-        mixed = everything[:t] + table[t:]
-        errors[t] = (generate(model, sampler, x, condition, mixed) - reference).float().square().mean()
+        scores = soft.clone()
+        scores[:t] = 1.0
+        errors[t] = (generate(model, sampler, x, condition, everything[:t] + plan[t:], scores=scores)
+                     - reference).float().square().mean()
     increase = (errors[:-1] - errors[1:]).clamp_min(0.0)
     increase[0] = 0.0
-    return increase / increase[1:].mean().clamp_min(1e-12)
+    if float(increase[1:].sum()) <= 0.0:
+        return torch.ones(steps)
+    return increase / increase[1:].mean()
 
 
 def train_router(model: nn.Module, sampler: Sampler, inputs: Callable[[torch.Generator], tuple[torch.Tensor, Any]],
@@ -642,7 +652,7 @@ def train_router(model: nn.Module, sampler: Sampler, inputs: Callable[[torch.Gen
         for iteration in iterations:
             x, condition = inputs(generator)
             if iteration % config.refresh_every == 0:
-                weights = image_error_weights(model, sampler, x, condition, router.plan(config.threshold))
+                weights = image_error_weights(model, sampler, x, condition, router, config.threshold)
             patch.table = router.plan(config.threshold)
             patch.reset_state(check=False)
             total = 0.0
