@@ -12,6 +12,7 @@ and ema.safetensors, which load into the plain backbone, plus the training state
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=non_negative_int, default=10_000, help="default: %(default)s")
     p.add_argument("--output", default=None, help="default: outputs/BACKBONE-PRESET-ROUTES")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true", help="clear a run already in --output and start afresh")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="per process; default: 32 (tiny), 128 (small, base)")
     p.add_argument("--lr", type=float, default=None, help="AdamW; default: 1e-3 (tiny), 1e-4 (small, base)")
@@ -121,9 +123,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_FILES = ("checkpoints", "samples", "summary.json", "loss.csv", "loss.png", "samples.png")
+
+
+def joined_negative_values(argv: Sequence[str], options: Sequence[str] = ("--routes",)) -> list[str]:
+    """``--routes -4:-2:0.5`` as ``--routes=-4:-2:0.5``: argparse takes a value that starts with '-' for an option."""
+    out, items = [], list(argv)
+    for i, item in enumerate(items):
+        if i > 0 and items[i - 1] in options and item.startswith("-") and ":" in item:
+            out[-1] = f"{items[i - 1]}={item}"
+        else:
+            out.append(item)
+    return out
+
+
+def check_run_directory(output: Path, resume: bool, overwrite: bool) -> None:
+    """A run directory is never reused silently: an existing run needs --resume (continue it) or --overwrite
+    (clear it first)."""
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if resume and overwrite:
+        raise SystemExit("train.py: error: --resume and --overwrite contradict each other; give one")
+    if existing and not resume and not overwrite:
+        raise SystemExit(f"train.py: error: {output} holds a run already ({', '.join(existing)}); continue it with "
+                         "--resume, start afresh with --overwrite (its files are deleted), or name another --output")
+    if overwrite:
+        import shutil
+
+        for name in existing:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_negative_values(sys.argv[1:] if argv is None else argv))
+    if args.unmask_steps and args.mask is None:
+        parser.error("--unmask-steps tunes a MaskDiT run with masking off; it needs --mask")
+    if args.unmask_steps > args.max_steps:
+        parser.error(f"--unmask-steps {args.unmask_steps} is more than --max-steps {args.max_steps}")
     t_start = time.perf_counter()
     defaults = PRESET_DEFAULTS[args.preset]
     args.batch_size = args.batch_size or defaults["batch_size"]
@@ -155,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         try:
             model = tokenroute.mask(model, args.mask, decoder=args.decoder, routes=routes or (), seed=args.seed)
         except tokenroute.RouteError as err:
+            if routes and "overlap" in str(err):
+                raise SystemExit(
+                    f"train.py: error: --routes {format_routes(routes)} with --mask: the encoder blocks "
+                    f"0..{depth - args.decoder - 1} run on the visible tokens (MaskDiT's masking), so TREAD routes "
+                    f"must lie in the {args.decoder} decoder blocks, {depth - args.decoder}..{depth - 1} (or -"
+                    f"{args.decoder}..-1)") from None
             raise SystemExit(f"train.py: error: --mask {args.mask} --decoder {args.decoder}: {err}") from None
     routed = tokenroute.is_wrapped(model)
     rg = args.guidance_routing_params if args.guidance_routing and routes else None
@@ -162,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tokenroute.wrap(ema.module, routes=routes, seed=args.seed + 1)
 
     output = Path(args.output or f"outputs/{args.backbone}-{args.preset}-{format_routes(routes)}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_run_directory(output, args.resume, args.overwrite)
 
     # --- accelerate: devices, processes, mixed precision -----------------------------------------------
     from accelerate import Accelerator
@@ -302,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     say(f"{args.backbone}/{args.preset}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
         f"{depth} blocks, {num_tokens(net)} tokens, routes {format_routes(routes)}, "
-        f"objective {args.objective}, {world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
+        + (f"mask {args.mask} (decoder {args.decoder}, unmasked for the last {args.unmask_steps} steps), "
+           if args.mask is not None else "")
+        + f"objective {args.objective}, {world} process(es) on {device}, mixed precision {accelerator.mixed_precision}, "
         f"global batch {args.batch_size * world}, {len(images)} images")
 
     # --- training loop ----------------------------------------------------------------------------------
@@ -315,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.train()
     loop_start = time.perf_counter()
     step = start_step
+    unmasked = False
     while step < args.max_steps:
         t_step = time.perf_counter()
         idx = batches.indices(step).to(device)
@@ -323,11 +371,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         g = step_generator(args.seed, step, rank, device)
         y = drop_labels(y, args.label_dropout, null_label, g)  # the null label is num_classes
 
+        if args.mask is not None and args.unmask_steps and step >= args.max_steps - args.unmask_steps \
+                and not unmasked:  # MaskDiT's unmasking tuning: the last --unmask-steps steps (resumed ones too)
+            tokenroute.set_ratio(net, [0.0] + [r[2] for r in routes or ()])
+            unmasked = True
         batch = objective.prepare(x0, generator=g)
         prediction = objective.predict(task.backbone_fn(model), batch, y)
         per_token = objective.per_token_loss(prediction.float(), batch, patch_size)
-        if args.mask is not None and args.unmask_steps and step == args.max_steps - args.unmask_steps:
-            tokenroute.set_ratio(net, [0.0] + [r[2] for r in routes or ()])  # MaskDiT's unmasking tuning
         masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
         extra = {}
         if args.mask is not None:  # MaskDiT's MAE term on the dropped tokens, target: the normalised noisy input

@@ -1,0 +1,60 @@
+"""examples/train.py on the newcomer's path: a run directory is never reused silently, --unmask-steps is exact and
+checked, resuming inside MaskDiT's unmasking phase continues exactly, negative route indices parse, and a route
+that overlaps the masked encoder is explained in the user's terms."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tokenroute import training
+
+from test_examples import data_dir, run_train, train  # noqa: F401  (module fixtures, reused)
+
+MASKED = ["--backbone", "dit", "--mask", "0.5", "--loss-mode", "visible", "--sample-every", "0"]
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(train, data_dir, tmp_path):  # noqa: F811
+    args = ["--backbone", "dit", "--sample-every", "0", "--ckpt-every", "2"]
+    run_train(train, data_dir, tmp_path / "run", *args, "--max-steps", "4")
+    with pytest.raises(SystemExit, match=r"holds a run already .* --resume, .* --overwrite"):
+        run_train(train, data_dir, tmp_path / "run", *args, "--max-steps", "2")
+    with pytest.raises(SystemExit, match="contradict"):
+        run_train(train, data_dir, tmp_path / "run", *args, "--max-steps", "2", "--resume", "--overwrite")
+    fresh = run_train(train, data_dir, tmp_path / "run", *args, "--max-steps", "2", "--overwrite")
+    assert fresh["start_step"] == 0 and fresh["steps"] == 2
+    rows = training.read_loss_csv(tmp_path / "run" / "loss.csv")
+    assert [r["step"] for r in rows] == ["1", "2"]  # nothing of the old run left
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step_0000002"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--unmask-steps", "2"], "needs --mask"),
+                                            (["--mask", "0.5", "--unmask-steps", "9"], "more than --max-steps")])
+def test_bad_unmask_steps_are_refused_before_any_work(train, data_dir, tmp_path, extra, message):  # noqa: F811
+    with pytest.raises(SystemExit):
+        run_train(train, data_dir, tmp_path / "run", "--backbone", "dit", "--max-steps", "4", *extra)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unmasking_lasts_exactly_n_steps_and_resumes_inside_it(train, data_dir, tmp_path):  # noqa: F811
+    """The last N steps draw no mask (checksum 0); a run stopped inside that phase and resumed continues it:
+    the same losses and masks as the uninterrupted run."""
+    args = [*MASKED, "--unmask-steps", "3", "--max-steps", "6", "--ckpt-every", "4", "--keep-checkpoints", "0"]
+    run_train(train, data_dir, tmp_path / "straight", *args)
+    straight = training.read_loss_csv(tmp_path / "straight" / "loss.csv")
+    assert [r["mask_checksum"] != "0" for r in straight] == [True, True, True, False, False, False]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000006")
+    resumed = run_train(train, data_dir, tmp_path / "resumed", *args, "--resume")
+    assert resumed["start_step"] == 4
+    rows = training.read_loss_csv(tmp_path / "resumed" / "loss.csv")
+    assert [(r["loss"], r["mask_checksum"]) for r in rows] == [(r["loss"], r["mask_checksum"]) for r in straight]
+
+
+def test_negative_route_indices_parse_and_an_encoder_overlap_is_explained(train, data_dir, tmp_path):  # noqa: F811
+    summary = run_train(train, data_dir, tmp_path / "neg", "--backbone", "dit", "--routes", "-4:-2:0.5",
+                        "--max-steps", "1", "--sample-every", "0")
+    assert summary["steps"] == 1
+    with pytest.raises(SystemExit, match=r"with --mask: the encoder blocks 0\.\.3 .* decoder blocks, 4\.\.5"):
+        run_train(train, data_dir, tmp_path / "overlap", *MASKED, "--routes", "1:4:0.5", "--max-steps", "1")
