@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="default: outputs/BACKBONE-PRESET-ROUTES")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true", help="clear a run already in --output and start afresh")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start a fresh run from these weights: a model.safetensors (or a checkpoint folder holding "
+                        "one) of the same backbone and preset")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="per process; default: 32 (tiny), 128 (small, base)")
     p.add_argument("--lr", type=float, default=None, help="AdamW; default: 1e-3 (tiny), 1e-4 (small, base)")
@@ -178,6 +181,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)  # same initial weights on every rank and every run with this seed
     model = build_model(args.backbone, args.preset)
+    if args.init_from is not None:
+        if args.resume:
+            parser.error("--init-from starts a fresh run from given weights; --resume continues the run in --output")
+        source = Path(args.init_from)
+        source = source / "model.safetensors" if source.is_dir() else source
+        try:
+            model.load_state_dict(load_weights(source))
+        except (OSError, RuntimeError, ValueError) as err:
+            raise SystemExit(f"train.py: error: --init-from {args.init_from}: {str(err).splitlines()[0]} (the weights "
+                             f"must be a {args.preset} {args.backbone}'s model.safetensors)") from None
     depth = stack_depth(model)
     routes = tread_routes(depth) if args.routes == "tread" else args.routes
     ema = EMA(model, decay=args.ema_decay)  # a plain copy of the backbone, made before routing

@@ -58,3 +58,21 @@ def test_negative_route_indices_parse_and_an_encoder_overlap_is_explained(train,
     assert summary["steps"] == 1
     with pytest.raises(SystemExit, match=r"with --mask: the encoder blocks 0\.\.3 .* decoder blocks, 4\.\.5"):
         run_train(train, data_dir, tmp_path / "overlap", *MASKED, "--routes", "1:4:0.5", "--max-steps", "1")
+
+
+def test_init_from_starts_a_fresh_run_from_given_weights(train, data_dir, tmp_path):  # noqa: F811
+    from tokenroute.training import load_weights
+
+    args = ["--backbone", "dit", "--sample-every", "0", "--ckpt-every", "2"]
+    run_train(train, data_dir, tmp_path / "first", *args, "--max-steps", "2")
+    source = tmp_path / "first" / "checkpoints" / "step_0000002"
+    run_train(train, data_dir, tmp_path / "second", *args, "--max-steps", "0", "--init-from", str(source))
+    final = tmp_path / "second" / "checkpoints" / "step_0000000" / "model.safetensors"
+    saved = load_weights(final)  # after no step: the weights it started from
+    for key, value in load_weights(source / "model.safetensors").items():
+        assert (saved[key] == value).all()
+    with pytest.raises(SystemExit):
+        run_train(train, data_dir, tmp_path / "third", *args, "--max-steps", "2", "--init-from", str(source), "--resume")
+    with pytest.raises(SystemExit, match="--init-from .* must be a tiny uvit's model.safetensors"):
+        run_train(train, data_dir, tmp_path / "fourth", "--backbone", "uvit", "--max-steps", "1", "--init-from",
+                  str(source))
