@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="default: outputs/BACKBONE-PRESET-ROUTES")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true", help="clear a run already in --output and start afresh")
+    p.add_argument("--report-to", default=None, choices=("tensorboard", "wandb"),
+                   help="log losses, learning rate and the routing facts to this tracker (through Accelerate); "
+                        "default: none")
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start a fresh run from these weights: a model.safetensors (or a checkpoint folder holding "
                         "one) of the same backbone and preset")
@@ -160,6 +163,12 @@ def check_run_directory(output: Path, resume: bool, overwrite: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(joined_negative_values(sys.argv[1:] if argv is None else argv))
+    if args.report_to is not None:
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[args.report_to]
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"--report-to {args.report_to} needs the {module} package: pip install {module}")
     if args.unmask_steps and args.mask is None:
         parser.error("--unmask-steps tunes a MaskDiT run with masking off; it needs --mask")
     if args.unmask_steps > args.max_steps:
@@ -225,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import broadcast
 
-    accelerator = Accelerator(mixed_precision=mixed_precision(args.mixed_precision),
+    accelerator = Accelerator(log_with=args.report_to, project_dir=str(output),
+                              mixed_precision=mixed_precision(args.mixed_precision),
                               cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
@@ -290,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif main_process:
         output.mkdir(parents=True, exist_ok=True)
         loss_log.start()
+    if args.report_to is not None:  # the tracker gets the run's facts: routes, mask, sizes
+        accelerator.init_trackers("tokenroute", config={
+            "backbone": args.backbone, "preset": args.preset, "routes": format_routes(routes),
+            "mask": args.mask if args.mask is not None else 0.0, "objective": args.objective,
+            "batch_size": args.batch_size, "lr": args.lr, "max_steps": args.max_steps, "seed": args.seed})
 
     # --- helpers that need the run's state ------------------------------------------------------------
     pending: list[tuple[int, int, torch.Tensor, torch.Tensor, float]] = []  # step, epoch, (loss, denoise), checksum, lr
@@ -306,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             loss_log.append({"step": s + 1, "epoch": e, "loss": repr(v[0]), "denoise": repr(v[1]), "lr": repr(lr),
                              "mask_checksum": c} for (s, e, _, _, lr), v, c in zip(pending, values, checksums))
         last_loss[0] = values[-1][0]
+        if args.report_to is not None:
+            for (s, _, _, _, lr), v in zip(pending, values):
+                accelerator.log({"loss": v[0], "denoise": v[1], "lr": lr}, step=s + 1)
         pending.clear()
 
     def sample(path: Path) -> Path | None:
@@ -480,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         say(f"done: {step} steps, {summary['images_per_s']:.1f} images/s, loss {summary['final_loss']}, "
             f"{summary['wall_time_s']:.1f} s; outputs in {output}")
     accelerator.wait_for_everyone()
+    if args.report_to is not None:
+        accelerator.end_training()
     return summary
 
 

@@ -76,3 +76,27 @@ def test_init_from_starts_a_fresh_run_from_given_weights(train, data_dir, tmp_pa
     with pytest.raises(SystemExit, match="--init-from .* must be a tiny uvit's model.safetensors"):
         run_train(train, data_dir, tmp_path / "fourth", "--backbone", "uvit", "--max-steps", "1", "--init-from",
                   str(source))
+
+
+def test_report_to_tensorboard_logs_the_losses(train, data_dir, tmp_path):  # noqa: F811
+    """Through Accelerate's tracker: event files under the run directory with the loss of every logged step."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(train, data_dir, tmp_path / "run", "--backbone", "dit", "--routes", "1:4:0.5", "--max-steps", "4",
+              "--log-every", "2", "--sample-every", "0", "--report-to", "tensorboard")
+    events = [p for p in (tmp_path / "run").rglob("events.out.tfevents*")]
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_report_to_a_missing_tracker_is_refused(train, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        run_train(train, data_dir, tmp_path / "run", "--backbone", "dit", "--max-steps", "1", "--report-to", "wandb")
+    assert not (tmp_path / "run").exists()
