@@ -1,4 +1,4 @@
-"""The examples (examples/train.py, examples/diffusers_dit.py, demo.compare_routing) as smoke runs on the CPU.
+"""The examples (examples/train.py, examples/diffusers_dit.py, examples/demo.py) as smoke runs on the CPU.
 
 Every run trains a tiny model for a few steps on a synthetic stand-in for Fashion-MNIST written in the same
 idx gz format (so these tests run anywhere); one run reads the real files when they are installed.
@@ -294,19 +294,68 @@ def test_compare_routing(data_dir, tmp_path):
 
     result = demo.compare_routing("dit", "tiny", steps=2, batch_size=4, output=tmp_path, data_dir=data_dir,
                                   sample_steps=2, samples_per_class=1, timing_rounds=2)
-    assert result["routes"] == [[1, 4, 0.5]] and result["steps"] == 2
-    assert str(data_dir) in result["data"]
+    assert result["routes"] == [[1, 4, 0.5]] and result["steps"] == 2 and result["objective"] == "flow"
+    assert result["data"] == str(data_dir)
     for name in ("baseline", "routed"):
         run = result[name]
-        assert run["steps"] == 2 and run["images_per_s"] > 0 and run["wall_time_s"] > 0
+        assert run["steps"] == 2 and math.isfinite(run["final_loss"]) and run["wall_time_s"] > 0
         assert Path(run["samples"]).is_file()
     flops = result["flops"]
     assert 0 < flops["routed"] < flops["unrouted"]
     assert 0.2 < flops["saving"] < 0.5  # 4 of 6 blocks at half the tokens
     timing = result["interleaved_timing"]
     assert timing["routed_s"] > 0 and timing["unrouted_s"] > 0 and timing["rounds"] == 2
+    assert all(len(ts) == 2 for ts in timing["each_round_s"].values())
+    assert result["speedup"] == timing["speedup"]  # the one speed figure is the interleaved one
     assert result["samples"] == {"baseline": result["baseline"]["samples"], "routed": result["routed"]["samples"]}
     assert json.loads((tmp_path / "comparison.json").read_text())["steps"] == 2
+    again = demo.compare_routing("dit", "tiny", steps=1, batch_size=4, output=tmp_path, data_dir=data_dir,
+                                 sample_steps=1, samples_per_class=1, timing_rounds=0)
+    assert again["steps"] == 1 and again["speedup"] is None  # an earlier demo run in the folder is replaced
+
+
+DEMO_FAST = ["--steps", "3", "--batch-size", "4", "--samples-per-class", "1", "--sample-steps", "2",
+             "--timing-rounds", "1"]
+
+
+def test_demo_on_request_synthetic(tmp_path, capsys):
+    import demo
+
+    result = demo.main([*DEMO_FAST, "--synthetic", "--output", str(tmp_path)])
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("tokenroute plan"))
+    assert any("SYNTHETIC" in line for line in lines[:plan])  # said at the start, before any training
+    assert "route 0 (tread): blocks 1..4" in out
+    speed = [line for line in lines if line.startswith("speed:")]
+    assert len(speed) == 1 and "x as fast" in speed[0] and "fewer FLOPs" in speed[0]
+    assert "images/s" not in out  # no sequential throughput beside the interleaved figure
+    for name in ("baseline", "routed"):
+        assert result[name]["samples"] in out and Path(result[name]["samples"]).is_file()
+    assert "100%" in err  # progress lines where stderr is no terminal
+
+
+def test_demo_falls_back_only_where_the_data_is_not_installed(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import demo
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision would download the data set instead")
+    monkeypatch.setattr(training.data, "DEFAULT_DATA_DIR", str(tmp_path / "not-installed"))
+    result = demo.main([*DEMO_FAST, "--timing-rounds", "0", "--output", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert out.index("NOT INSTALLED") < out.index("tokenroute plan")
+    assert "synthetic-data" in result["data"]
+
+
+def test_demo_refuses_a_mistyped_data_dir_before_any_work(tmp_path):
+    import demo
+
+    with pytest.raises(SystemExit) as exc:
+        demo.main([*DEMO_FAST, "--data-dir", str(tmp_path / "fashoin"), "--output", str(tmp_path / "out")])
+    assert "Fashion-MNIST not found" in str(exc.value.code) and "--synthetic" in str(exc.value.code)
+    assert not (tmp_path / "out").exists()
 
 
 def test_masked_training_smoke(train, data_dir, tmp_path):
