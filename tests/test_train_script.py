@@ -37,19 +37,27 @@ def test_bad_unmask_steps_are_refused_before_any_work(train, data_dir, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_unmasking_lasts_exactly_n_steps_and_resumes_inside_it(train, data_dir, tmp_path):  # noqa: F811
-    """The last N steps draw no mask (checksum 0); a run stopped inside that phase and resumed continues it:
-    the same losses and masks as the uninterrupted run."""
-    args = [*MASKED, "--unmask-steps", "3", "--max-steps", "6", "--ckpt-every", "4", "--keep-checkpoints", "0"]
+@pytest.mark.parametrize("resume_at", [2, 4])  # inside the masked phase, inside the unmasking phase
+def test_unmasking_lasts_exactly_n_steps_and_resume_is_exact_in_each_phase(train, data_dir, tmp_path,  # noqa: F811
+                                                                            resume_at):
+    """The last N steps draw no mask (checksum 0); a run stopped inside either phase and resumed continues it:
+    the same losses, masks and final weights as the uninterrupted run."""
+    from tokenroute.training import load_weights
+
+    args = [*MASKED, "--unmask-steps", "3", "--max-steps", "6", "--ckpt-every", "2", "--keep-checkpoints", "0"]
     run_train(train, data_dir, tmp_path / "straight", *args)
     straight = training.read_loss_csv(tmp_path / "straight" / "loss.csv")
     assert [r["mask_checksum"] != "0" for r in straight] == [True, True, True, False, False, False]
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000006")
+    for later in range(resume_at + 2, 7, 2):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / f"step_{later:07d}")
     resumed = run_train(train, data_dir, tmp_path / "resumed", *args, "--resume")
-    assert resumed["start_step"] == 4
+    assert resumed["start_step"] == resume_at
     rows = training.read_loss_csv(tmp_path / "resumed" / "loss.csv")
     assert [(r["loss"], r["mask_checksum"]) for r in rows] == [(r["loss"], r["mask_checksum"]) for r in straight]
+    final = "checkpoints/step_0000006/model.safetensors"
+    a, b = load_weights(tmp_path / "straight" / final), load_weights(tmp_path / "resumed" / final)
+    assert all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_negative_route_indices_parse_and_an_encoder_overlap_is_explained(train, data_dir, tmp_path):  # noqa: F811
