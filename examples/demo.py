@@ -377,37 +377,23 @@ def choose_threads(requested: int, cores: int) -> tuple[int, str | None]:
                      "--threads N to choose")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run; default: 2000")
+    p.add_argument("--steps", type=train.positive_int, default=2000, help="training steps of each run; default: 2000")
     p.add_argument("--routes", type=parse_routes, default=[(1, 4, 0.5)], metavar="START:END:RATIO[,...]",
                    help="routes for the tiny DiT's 6 blocks (END inclusive; 'tread' for TREAD's rule); default: 1:4:0.5")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="default: 32")
+    p.add_argument("--batch-size", type=train.positive_int, default=32, help="default: 32")
     p.add_argument("--output", default="outputs/demo", help="default: outputs/demo")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data-dir", default=None,
                       help=f"Fashion-MNIST's idx .gz files; default: {DEFAULT_DATA_DIR} (Debian's "
                            "dataset-fashion-mnist), or a synthetic stand-in where that is not installed")
     data.add_argument("--synthetic", action="store_true", help="train on a synthetic stand-in (boxes, no garments)")
-    p.add_argument("--threads", type=non_negative_int, default=0,
+    p.add_argument("--threads", type=train.non_negative_int, default=0,
                    help="CPU threads; default: 0 (torch's default, fewer where other processes keep cores busy)")
-    p.add_argument("--samples-per-class", type=positive_int, default=8, help="grid columns; default: 8")
-    p.add_argument("--sample-steps", type=positive_int, default=32, help="flow Euler steps; default: 32")
-    p.add_argument("--timing-rounds", type=non_negative_int, default=7,
+    p.add_argument("--samples-per-class", type=train.positive_int, default=8, help="grid columns; default: 8")
+    p.add_argument("--sample-steps", type=train.positive_int, default=32, help="flow Euler steps; default: 32")
+    p.add_argument("--timing-rounds", type=train.non_negative_int, default=7,
                    help="interleaved repetitions of 10 steps of each model for the speed figure; default: 7")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return p
