@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,16 +12,8 @@ import tokenroute
 
 diffusers = pytest.importorskip("diffusers")
 
+from family.cases_core import B, dit, flux  # noqa: E402
 from helpers import randomize  # noqa: E402
-
-B = 2
-
-
-def dit():
-    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=4,
-                                            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1)
-    return model, dict(hidden_states=torch.randn(B, 4, 8, 8), timestep=torch.tensor([3, 5]),
-                       class_labels=torch.tensor([1, 2]))
 
 
 def pixart():
@@ -40,17 +33,7 @@ def sd3():
                        pooled_projections=torch.randn(B, 10), timestep=torch.tensor([3, 5]))
 
 
-def flux():
-    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                             pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
-    grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
-    return model, dict(hidden_states=torch.randn(B, 16, 16), encoder_hidden_states=torch.randn(B, 5, 12),
-                       pooled_projections=torch.randn(B, 10), timestep=torch.tensor([0.3, 0.5]),
-                       img_ids=grid.reshape(-1, 3), txt_ids=torch.zeros(5, 3))
-
-
-MODELS = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux}
+MODELS = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": functools.partial(flux, layers=2)}
 
 
 def build(name, seed=0):

@@ -1,4 +1,4 @@
-"""DiT, PixArt, SD3 and Flux (configurations of their diffusers tests)."""
+"""DiT and Flux (configurations of their diffusers tests); tests/test_diffusers.py builds them from here too."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def dit():
                        class_labels=torch.tensor([1, 2]))
 
 
-def flux():
-    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=3,
+def flux(layers: int = 3):
+    """``layers`` double-stream and as many single-stream blocks."""
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                              pooled_projection_dim=10, axes_dims_rope=(2, 2, 4))
     grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
