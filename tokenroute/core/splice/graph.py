@@ -26,7 +26,7 @@ from ..operations import check_table_group, needs_shared_selection
 from ..route import RouteError
 from ..stack import BlockStack
 from .boundaries import Boundaries
-from .layouts import LayoutReader
+from .layouts import LayoutReader, upstream
 from .tracer import ConcreteTracer
 
 ROOT = "owner"
@@ -305,26 +305,23 @@ def _swaps_first_axes(node: fx.Node) -> bool:
 def _refuse_sequence_first(graph: fx.Graph, stream: fx.Node, i: int) -> None:
     """A stream laid out (L, B, D), tokens first, would have its batch axis routed: refuse it. Read from the
     graph: the stream (through the blocks and the values of its layout, joined on axis 0 or not) comes from a
-    transpose of axes 0 and 1
-    of a tensor whose axis 0 is the batch of the model's image, video or token inputs (3-D and more)."""
+    transpose of axes 0 and 1 of a tensor whose axis 0 is the batch of the model's image, video or token inputs
+    (3-D and more)."""
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     batches = {t.shape[0] for t in placeholder.meta.get("concrete", ()) if isinstance(t, torch.Tensor) and t.dim() >= 3}
     traced = _concrete(stream)
-    seen, todo = set(), [stream]
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+
+    def same_layout(n: fx.Node) -> bool:  # the same axes after the first (joined on axis 0 or not), or a tuple
+        value = _concrete(n)
+        return isinstance(value, torch.Tensor) and value.shape[1:] == traced.shape[1:] or isinstance(value, (tuple, list))
+
+    for node in upstream(stream, same_layout):
         if _swaps_first_axes(node) and isinstance(_concrete(node.args[0]), torch.Tensor) \
                 and _concrete(node.args[0]).shape[0] in batches:
             raise RouteError(
                 f"the stream entering route {i} has shape {tuple(traced.shape)} and comes from {describe(node)}, a "
                 f"transpose of a batch-first tensor: its tokens lie on axis 0 (sequence first). tokenroute routes "
                 "streams laid out (B, L, ...); keep routes off the blocks that take a sequence-first stream")
-        todo.extend(n for n in node.all_input_nodes  # values of its layout: the same axes after the first
-                    if isinstance(_concrete(n), torch.Tensor) and _concrete(n).shape[1:] == traced.shape[1:]
-                    or isinstance(_concrete(n), (tuple, list)))
 
 
 def _splice_end(module: fx.GraphModule, boundaries: Boundaries, i: int, region: list[fx.Node],

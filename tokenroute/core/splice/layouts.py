@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -37,6 +37,18 @@ _JOIN_METHODS = {"index_copy", "index_copy_", "index_put", "index_put_", "masked
 
 class _Unreadable(Exception):
     """The graph does not say where the image tokens are; the message says why."""
+
+
+def upstream(start: fx.Node, follow: Callable[[fx.Node], bool]) -> Iterator[fx.Node]:
+    """``start`` and the nodes it is computed from, each once, going up only through inputs ``follow`` accepts."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        todo.extend(n for n in node.all_input_nodes if follow(n))
 
 
 def _length(node: Any) -> int | None:
@@ -194,12 +206,7 @@ class LayoutReader:
         from the image input joined other tokens in: a join of image tokens with others (per sample, then
         padded into a batch; written into a buffer; selected by a mask) cannot be read. A single token
         broadcast into positions (a learned pad token) replaces values, not positions, and passes."""
-        seen, todo = set(), [source]
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        for node in upstream(source, lambda n: bool(self.carries.get(n))):
             joins = (node.op == "call_function" and node.target in _JOINS) or \
                 (node.op == "call_method" and node.target in _JOIN_METHODS)
             inputs = [n for n in node.all_input_nodes if isinstance(_value(self.module, n), torch.Tensor)]
@@ -208,17 +215,11 @@ class LayoutReader:
                     and any(self.carries.get(n) for n in inputs):
                 raise _Unreadable(f"{self.describe(node)} ({node.target if isinstance(node.target, str) else node.target.__name__}) "
                                   "places the image tokens among other tokens in a way the graph does not lay out")
-            todo.extend(n for n in node.all_input_nodes if self.carries.get(n))
 
     def grid(self, source: fx.Node, count: int) -> tuple[tuple[int, ...], str] | None:
         """The grid of ``count`` image tokens made at ``source``: a convolution upstream (the patch embedding)
         whose output has ``count`` positions."""
-        seen, todo = set(), [source]
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        for node in upstream(source, lambda n: bool(self.carries.get(n))):
             conv = (node.op == "call_module" and isinstance(self.module.get_submodule(node.target), (nn.Conv2d, nn.Conv3d))) \
                 or (node.op == "call_function" and node.target in _CONVOLUTIONS)
             value = node.meta.get("concrete")
@@ -227,7 +228,6 @@ class LayoutReader:
             inner = self._inner_patch_grid(node, count)
             if inner is not None:
                 return inner, f"the patch embedding {self.describe(node)} (its convolution's stride)"
-            todo.extend(n for n in node.all_input_nodes if self.carries.get(n))
         return None
 
     def _inner_patch_grid(self, node: fx.Node, count: int) -> tuple[int, ...] | None:
