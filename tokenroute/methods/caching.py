@@ -52,6 +52,23 @@ class Slot:
         return f"{self.path}.{self.branch.path} ({self.branch.kind})" if self.branch else f"{self.path} (residual)"
 
 
+def _wrap_forward(module: nn.Module, installed: list[tuple[nn.Module, Any]], wrapper: Callable[[Any], Any]) -> None:
+    """Replace ``module``'s forward (on the instance) with ``wrapper(current forward)``; ``installed`` remembers
+    what to put back."""
+    installed.append((module, module.__dict__.get("forward")))
+    module.forward = wrapper(module.forward)
+
+
+def _unwrap_forwards(installed: list[tuple[nn.Module, Any]]) -> None:
+    """Put back every forward ``_wrap_forward`` replaced, last first."""
+    for module, previous in reversed(installed):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    installed.clear()
+
+
 def _slot_module(stack: BlockStack, slot: Slot) -> nn.Module:
     block = stack.blocks[slot.block]
     return block.get_submodule(slot.branch.path) if slot.branch else block
@@ -169,12 +186,10 @@ class CachingPatch(Patch):
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
         for k, slot in enumerate(self.slots):
-            block, module = stack.blocks[slot.block], _slot_module(stack, slot)
-            previous = module.__dict__.get("forward")
+            block, spec = stack.blocks[slot.block], stack.specs[slot.block]
             call = self._branch if slot.branch else self._residual
-            module.forward = functools.partial(call, k, module.forward, stack.specs[slot.block].stream,
-                                               stack.specs[slot.block].stream_output, block)
-            self.installed.append((module, previous))
+            _wrap_forward(_slot_module(stack, slot), self.installed,
+                          lambda original: functools.partial(call, k, original, spec.stream, spec.stream_output, block))
         self.handles.append(stack.blocks[0].register_forward_pre_hook(self._advance))
         self.bridge = _DiffusersBridge.install(self, stack)
 
@@ -182,12 +197,7 @@ class CachingPatch(Patch):
         if self.bridge is not None:
             self.bridge.uninstall(stack)
             self.bridge = None
-        for module, previous in reversed(self.installed):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self.installed.clear()
+        _unwrap_forwards(self.installed)
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -226,12 +236,12 @@ class CachingPatch(Patch):
                 f"{len(self.table)}; sample with {len(self.table)} steps or train a router for your step count")
 
     # -- the slots -------------------------------------------------------------------------------------------
-    def _computes(self, k: int, args: tuple, kwargs: dict) -> bool:
+    def _computes(self, k: int, args: tuple, kwargs: dict, reducing: bool) -> bool:
         """Whether slot k computes now: the plan says so, nothing is cached yet, or a route is running its block
-        on a subset of the tokens (drawn anew each call: another subset's outputs cannot be reused). A cached
-        output made for inputs of another shape (a changed batch) is refused."""
+        on a subset of the tokens (``reducing``: drawn anew each call, another subset's outputs cannot be
+        reused). A cached output made for inputs of another shape (a changed batch) is refused."""
         key = (self.current, k)
-        if self.table[self.steps[self.current]][k] or key not in self.cache or self._reducing():
+        if self.table[self.steps[self.current]][k] or key not in self.cache or reducing:
             return True
         shapes = _shapes(args, kwargs)
         if shapes != self.shapes.get(key):
@@ -252,9 +262,10 @@ class CachingPatch(Patch):
         key = (self.current, k)
         if self.scores is not None:
             return self._mixed(k, key, original(*args, **kwargs))
-        if self._computes(k, args, kwargs):
+        reducing = self._reducing()
+        if self._computes(k, args, kwargs, reducing):
             out = original(*args, **kwargs)
-            if not self._reducing():
+            if not reducing:
                 self.cache[key], self.shapes[key] = out, _shapes(args, kwargs)
             return out
         return self.cache[key]
@@ -266,11 +277,12 @@ class CachingPatch(Patch):
             return original(*args, **kwargs)
         entering = bind_arguments(block, args, kwargs)[stream]
         key = (self.current, k)
-        if self.scores is not None or self._computes(k, args, kwargs):
+        reducing = self._reducing()
+        if self.scores is not None or self._computes(k, args, kwargs, reducing):
             out = original(*args, **kwargs)
             leaving = out if stream_output is None else out[stream_output]
             if self.scores is None:
-                if not self._reducing():
+                if not reducing:
                     self.cache[key], self.shapes[key] = (leaving - entering, out), _shapes(args, kwargs)
                 return out
             change = self._mixed(k, key, leaving - entering)
@@ -449,20 +461,12 @@ class FirstBlockCachePatch(Patch):
         self.calls = self.skipped = 0
 
     def attach(self, stack: BlockStack) -> None:
-        for position, block in enumerate(stack.blocks):
-            spec = stack.specs[position]
-            previous = block.__dict__.get("forward")
-            block.forward = functools.partial(self._block, position, len(stack.blocks), block.forward, spec.stream,
-                                              spec.stream_output, block)
-            self.installed.append((block, previous))
+        for position, (block, spec) in enumerate(zip(stack.blocks, stack.specs)):
+            _wrap_forward(block, self.installed, lambda original: functools.partial(
+                self._block, position, len(stack.blocks), original, spec.stream, spec.stream_output, block))
 
     def detach(self, stack: BlockStack) -> None:
-        for module, previous in reversed(self.installed):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self.installed.clear()
+        _unwrap_forwards(self.installed)
         self.reset_state()
 
     def _block(self, position: int, depth: int, original: Any, stream: str, stream_output: int | None,
