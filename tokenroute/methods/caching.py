@@ -517,6 +517,7 @@ def apply_first_block_cache(model: nn.Module, config: FirstBlockCacheConfig | No
 
 
 def remove_first_block_cache(model: nn.Module) -> nn.Module:
+    """Take FirstBlockCache's rule off ``model``; other methods stay."""
     remove_patch(model, FIRST_BLOCK)
     return model
 
