@@ -10,6 +10,12 @@ project's classifier's feature space (``fid.py``; its accuracy is recorded besid
     python benchmarks/caching.py                   # on the GPU (trains the pretrained model first if missing)
     python benchmarks/caching.py --cpu --smoke     # a smoke run on the CPU: tiny model, few samples
     python benchmarks/caching.py --merge a.json b.json   # runs made in separate calls, into one JSON and plot
+    python benchmarks/caching.py --backbone diffusers-dit --out benchmarks/results/caching_diffusers.json
+
+With ``--backbone diffusers-dit`` the model is diffusers' ``DiTTransformer2DModel`` trained by
+``examples/diffusers_dit.py`` (``pretrained.py --diffusers``), sampled with diffusers' DDIM scheduler, and
+diffusers' own caches run beside the project's on the same weights: FirstBlockCache, TaylorSeer (on the
+attention and feed-forward modules) and MagCache (its magnitude ratios calibrated on this model first).
 """
 
 from __future__ import annotations
@@ -36,13 +42,73 @@ from common import Timer, bench_device, environment, median, write_json  # noqa:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+DIFFUSERS_KINDS = ("diffusers_first_block", "taylorseer", "magcache")
+
+
 def variants(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     """(label, kind, parameter) of every variant measured."""
     out = [("no cache", "none", 0.0)]
     out += [(f"learned, sparsity {s:g}", "learned", s) for s in args.sparsity]
     out += [(f"every {k} steps", "every", k) for k in args.every]
     out += [(f"first-block {t:g}", "first_block", t) for t in args.first_block]
+    if args.backbone == "diffusers-dit":
+        out += [(f"diffusers first-block {t:g}", "diffusers_first_block", t) for t in args.first_block]
+        out += [(f"diffusers TaylorSeer every {k}", "taylorseer", k) for k in args.taylorseer]
+        out += [(f"diffusers MagCache {t:g}", "magcache", t) for t in args.magcache]
     return out
+
+
+# diffusers' DiT: the modules TaylorSeer caches (attention and feed-forward, as the project's slots)
+TAYLORSEER_MODULES = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
+
+
+def _diffusers_cache(variant: torch.nn.Module, kind: str, parameter: float, steps: int, sampler: Any,
+                     device: torch.device) -> dict[str, Any]:
+    """Apply one of diffusers' own caches to ``variant`` (MagCache calibrated on it first)."""
+    from diffusers import hooks
+
+    variant.diffusers_cache = True  # sample() gives it diffusers' cache context
+    if kind == "diffusers_first_block":
+        hooks.apply_first_block_cache(variant, hooks.FirstBlockCacheConfig(threshold=parameter))
+        return {}
+    if kind == "taylorseer":
+        hooks.apply_taylorseer_cache(variant, hooks.TaylorSeerCacheConfig(
+            cache_interval=int(parameter), cache_identifiers=TAYLORSEER_MODULES))
+        return {}
+    import contextlib
+    import io
+    import json
+
+    calibration = copy.deepcopy(variant)
+    hooks.apply_mag_cache(calibration, hooks.MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # diffusers prints the ratios at the end of the calibrating run
+        sample(calibration, sampler, torch.randn(8, 1, 32, 32, device=device), torch.arange(8, device=device) % 10)
+    ratios = json.loads(printed.getvalue().strip().splitlines()[-1])
+    hooks.apply_mag_cache(variant, hooks.MagCacheConfig(threshold=parameter, num_inference_steps=steps,
+                                                          mag_ratios=ratios))
+    return {"mag_ratios": ratios}
+
+
+def _uses_diffusers_hooks(model: torch.nn.Module) -> bool:
+    return getattr(model, "diffusers_cache", False)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, sampler: Any, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One generation; diffusers' caches get the cache context a diffusers pipeline gives them, and are reset
+    after, as a pipeline resets them."""
+    if not _uses_diffusers_hooks(model):
+        return generate(model, sampler, noise, labels)
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(model, CacheContext("cond", num_inference_steps=sampler.num_steps))
+    try:
+        return generate(model, sampler, noise, labels)
+    finally:
+        _set_cache_context(model, None)
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
 
 
 def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampler: Any, args: argparse.Namespace,
@@ -50,7 +116,9 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
     """A copy of ``model`` with the variant applied (a learned router trained first), and what it took."""
     variant, facts = copy.deepcopy(model), {}
     slots = len(cache_slots(variant))
-    if kind == "every":
+    if kind in DIFFUSERS_KINDS:
+        facts = _diffusers_cache(variant, kind, parameter, steps, sampler, device)
+    elif kind == "every":
         apply_caching(variant, CachingConfig(router=CacheRouter.every(int(parameter), steps, slots)))
     elif kind == "first_block":
         apply_first_block_cache(variant, FirstBlockCacheConfig(threshold=parameter))
@@ -58,7 +126,7 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
         router = CacheRouter(steps, slots, init=args.router_init).to(device)
         apply_caching(variant, CachingConfig(router=router))
 
-        def inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        def inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fresh noise, random labels
             noise = torch.randn(args.router_batch, 1, 32, 32, generator=generator).to(device)
             return noise, torch.randint(0, 10, (args.router_batch,), generator=generator).to(device)
 
@@ -85,7 +153,7 @@ def images(model: torch.nn.Module, sampler: Any, num: int, batch: int, device: t
         noise = torch.randn(n, 1, 32, 32, generator=generator).to(device)
         labels = (torch.arange(start, start + n) % 10).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = generate(model, sampler, noise, labels)
+            x = sample(model, sampler, noise, labels)
         out.append(fid.to_uint8(x.float().clamp(-1, 1)).cpu())
         _reset(model)
     return torch.cat(out)
@@ -106,7 +174,7 @@ def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, devi
     def run(model: torch.nn.Module) -> Callable[[], Any]:
         def once() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                generate(model, sampler, noise, labels)
+                sample(model, sampler, noise, labels)
         return once
 
     for model in models.values():
@@ -121,8 +189,8 @@ def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, devi
 def flops(model: torch.nn.Module, sampler: Any, device: torch.device) -> int:
     """FLOPs of one generation of one image (classifier-free guidance batched: two rows)."""
     with FlopCounterMode(display=False) as counter:
-        generate(model, sampler, torch.randn(1, 1, 32, 32, device=device), torch.zeros(1, dtype=torch.long,
-                                                                                        device=device))
+        sample(model, sampler, torch.randn(1, 1, 32, 32, device=device), torch.zeros(1, dtype=torch.long,
+                                                                                      device=device))
     return int(counter.get_total_flops())
 
 
@@ -135,7 +203,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     runs = payload["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
     for ax, (steps, run) in zip(axes[0], runs.items()):
-        for kind, marker in (("learned", "o"), ("every", "s"), ("first_block", "^"), ("none", "*")):
+        for kind, marker in (("learned", "o"), ("every", "s"), ("first_block", "^"), ("diffusers_first_block", "v"),
+                             ("taylorseer", "D"), ("magcache", "P"), ("none", "*")):
             rows = [r for r in run["variants"].values() if r["kind"] == kind]
             if rows:
                 ax.plot([r["speedup_full_batch"] for r in rows], [r["fid"] for r in rows], marker, ls="-" if len(rows) > 1
@@ -152,10 +221,14 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="dit", choices=("dit", "diffusers-dit"),
+                        help="the project's DiT (flow, Euler) or diffusers' DiT (epsilon, DDIM) with diffusers' caches")
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
-    parser.add_argument("--every", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--first-block", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--sparsity", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2])
+    parser.add_argument("--every", type=int, nargs="*", default=[2, 3])
+    parser.add_argument("--first-block", type=float, nargs="*", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--taylorseer", type=int, nargs="*", default=[2, 3], help="diffusers-dit: cache intervals")
+    parser.add_argument("--magcache", type=float, nargs="*", default=[0.06, 0.12], help="diffusers-dit: thresholds")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--fid-samples", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=1000, help="a batch that fills the GPU")
@@ -187,13 +260,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.router_batch, args.refresh_every = 4, 2
         args.steps, args.sparsity, args.every, args.first_block = args.steps[:1], args.sparsity[:1], args.every[:1], \
             args.first_block[:1]
-    name = pretrained.NAME + ("-smoke" if args.smoke else "")
-    weights, _ = pretrained.paths(name)
-    if not weights.exists():
-        pretrained.train(name, preset="tiny" if args.smoke else "small", size={} if args.smoke else None,
-                         minutes=0.05 if args.smoke else args.train_minutes,
-                         batch_size=16 if args.smoke else 256, device=device, data_dir=args.data_dir)
-    model, model_facts = pretrained.load(name, device=device)
+    if args.backbone == "diffusers-dit":
+        model, model_facts = pretrained.load_diffusers(device=device)
+        model_facts = model_facts | {"preset": "DiTTransformer2DModel", "minutes": model_facts["train_time_s"] / 60}
+        make_sampler = pretrained.ddim_sampler
+    else:
+        name = pretrained.NAME + ("-smoke" if args.smoke else "")
+        weights, _ = pretrained.paths(name)
+        if not weights.exists():
+            pretrained.train(name, preset="tiny" if args.smoke else "small", size={} if args.smoke else None,
+                             minutes=0.05 if args.smoke else args.train_minutes,
+                             batch_size=16 if args.smoke else 256, device=device, data_dir=args.data_dir)
+        model, model_facts = pretrained.load(name, device=device)
+        make_sampler = pretrained.sampler
     real, _ = fid.load_split("t10k", args.data_dir)
     meter = fid.FIDMeter(real[: max(args.fid_samples, 2)], device=device)
     payload: dict[str, Any] = {"environment": environment(), "config": vars(args) | {"out": str(args.out)},
@@ -202,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                f"{fid.classifier_info()['test_accuracy']:.4f}",
                                "runs": {}}
     for steps in args.steps:
-        sampler = pretrained.sampler(steps, cfg_scale=args.cfg_scale)
+        sampler = make_sampler(steps, cfg_scale=args.cfg_scale)
         built = {label: (kind, parameter, *build(model, kind, parameter, steps, sampler, args, device))
                  for label, kind, parameter in variants(args)}
         models = {label: entry[2] for label, entry in built.items()}

@@ -6,13 +6,19 @@ repository (``$TOKENROUTE_CACHE``, default ``~/.cache/tokenroute``), with the fa
 
     python benchmarks/pretrained.py                      # build (or rebuild) dit-small-fmnist on the GPU
     python benchmarks/pretrained.py --minutes 1 --cpu    # a quick stand-in on the CPU
+    python benchmarks/pretrained.py --diffusers          # dit-diffusers-fmnist: diffusers' DiTTransformer2DModel,
+                                                         # trained by examples/diffusers_dit.py (needs diffusers)
 
 In code (benchmarks folder on ``sys.path``)::
 
     import pretrained
     model, facts = pretrained.load("dit-small-fmnist", device="cuda")   # refuses, with the command, if missing
 
-The model predicts the flow velocity ``noise - x0`` from ``(x, t * 1000, y)`` (label 10 is the null label for
+``dit-diffusers-fmnist`` is diffusers' ``DiTTransformer2DModel`` of the same size, trained the way
+``examples/diffusers_dit.py`` trains it (epsilon prediction, DDPM noise schedule), so that diffusers' own caches run
+beside the project's on the same weights: ``load_diffusers()`` and ``ddim_sampler(steps)``.
+
+The project's model predicts the flow velocity ``noise - x0`` from ``(x, t * 1000, y)`` (label 10 is the null label for
 classifier-free guidance); ``sampler(steps)`` gives the matching ``tokenroute.methods.caching.Sampler``.
 """
 
@@ -38,6 +44,9 @@ NAME = "dit-small-fmnist"
 TIME_SCALE = 1000.0  # the backbone sees t * 1000, as the flow task of the examples does
 # The small preset's patch size (256 tokens) at a width and depth whose bf16 weights (about 14 MB) travel as one file
 SIZE = dict(hidden_size=224, depth=8, num_heads=4)
+DIFFUSERS_NAME = "dit-diffusers-fmnist"
+DIFFUSERS_SIZE = dict(num_layers=SIZE["depth"], num_attention_heads=SIZE["num_heads"],
+                      attention_head_dim=SIZE["hidden_size"] // SIZE["num_heads"], patch_size=2)
 
 
 def cache_dir() -> Path:
@@ -114,6 +123,72 @@ def load(name: str = NAME, device: torch.device | str = "cpu") -> tuple[torch.nn
     return model.to(device).eval(), facts
 
 
+def train_diffusers(name: str = DIFFUSERS_NAME, *, steps: int = 3000, batch_size: int = 256, lr: float = 3e-4,
+                    data_dir: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train diffusers' DiT with ``examples/diffusers_dit.py`` (its defaults: epsilon prediction, EMA, bf16 on
+    CUDA) and cache its EMA weights (bf16) and config beside the project's model."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import diffusers_dit
+    from diffusers import DiTTransformer2DModel
+    from safetensors.torch import save_file
+
+    size = [f"--{k.replace('_', '-')}={v}" for k, v in DIFFUSERS_SIZE.items()]
+    with tempfile.TemporaryDirectory() as folder:
+        argv = [f"--max-steps={steps}", f"--batch-size={batch_size}", f"--lr={lr}", f"--seed={seed}",
+                f"--output={folder}", "--no-download", "--quiet", *size]
+        summary = diffusers_dit.main(argv + ([f"--data-dir={data_dir}"] if data_dir else []))
+        model = DiTTransformer2DModel.from_pretrained(Path(folder) / "transformer")
+    weights_path, facts_path = paths(name)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()},
+              str(weights_path))
+    facts = {"name": name, "class": "DiTTransformer2DModel", "config": dict(model.config),
+             "objective": "epsilon prediction, DDPM noise schedule (1000 steps), null label 10",
+             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "train_time_s": summary.get("train_time_s"), "final_loss": summary.get("final_loss"),
+             "environment": environment(), "command": "python benchmarks/pretrained.py --diffusers"}
+    facts_path.write_text(json.dumps(facts, indent=1, default=str) + "\n")
+    return facts
+
+
+def load_diffusers(name: str = DIFFUSERS_NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The cached diffusers DiT (eval mode) and its facts; refuses with the command that builds it."""
+    weights_path, facts_path = paths(name)
+    if not weights_path.exists() or not facts_path.exists():
+        raise SystemExit(f"no pretrained {name} in {weights_path.parent}; build it on a GPU with "
+                         f"`python benchmarks/pretrained.py --diffusers` (a few minutes), or set TOKENROUTE_CACHE")
+    from diffusers import DiTTransformer2DModel
+    from safetensors.torch import load_file
+
+    facts = json.loads(facts_path.read_text())
+    model = DiTTransformer2DModel.from_config(facts["config"])
+    model.load_state_dict({k: v.float() for k, v in load_file(str(weights_path)).items()})
+    return model.to(device).eval(), facts
+
+
+def ddim_sampler(steps: int, cfg_scale: float = 1.0, null_label: int = 10):
+    """DDIM (diffusers' scheduler) over the diffusers DiT's epsilon prediction, as a
+    ``tokenroute.methods.caching.Sampler``; classifier-free guidance batched as in ``sampler``."""
+    from diffusers import DDIMScheduler
+
+    from tokenroute.methods.caching import Sampler
+
+    def call(model: torch.nn.Module, x: torch.Tensor, timestep: Any, y: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if cfg_scale != 1.0:
+            x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
+        t = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        eps = model(x, timestep=t, class_labels=y).sample.float()
+        if cfg_scale == 1.0:
+            return eps
+        cond, uncond = eps[:rows], eps[rows:]
+        return uncond + cfg_scale * (cond - uncond)
+
+    return Sampler.from_scheduler(DDIMScheduler(num_train_timesteps=1000), steps, call)
+
+
 def velocity(model: torch.nn.Module, x: torch.Tensor, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The model's flow velocity at time t (1 = noise, 0 = data)."""
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
@@ -148,7 +223,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache folder")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--diffusers", action="store_true", help=f"build {DIFFUSERS_NAME} instead")
+    parser.add_argument("--diffusers-steps", type=int, default=3000)
     args = parser.parse_args(argv)
+    if args.diffusers:
+        facts = train_diffusers(steps=args.diffusers_steps, batch_size=args.batch_size, lr=args.lr,
+                                data_dir=args.data_dir)
+        print(json.dumps({k: facts[k] for k in ("name", "steps", "train_time_s", "final_loss")}))
+        return facts
     facts = train(args.name, preset=args.preset, size=dict(hidden_size=args.width, depth=args.depth,
                                                               num_heads=args.heads), minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                   device=bench_device(cpu=args.cpu), data_dir=args.data_dir, out=args.out)

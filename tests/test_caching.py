@@ -7,6 +7,9 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensor
 
 import tokenroute
 from tokenroute import RouteError
@@ -36,23 +39,59 @@ def test_a_plan_that_computes_everything_is_bitwise_the_uncached_model(name):
     assert torch.equal(sample(model), sample(MODELS[name].eval()))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_reusing_everything_after_the_first_step_returns_the_first_steps_outputs(name):
-    """Every slot's module, hooked from outside, returns at every later step what it computed at the first."""
-    model = cached(name, lambda slots: CacheRouter(STEPS, slots, init=-5.0))
-    seen = {}
-    for slot in cache_slots(model):
+def _real_outputs(model, slots):
+    """Forward hooks on each slot's module, keeping the outputs of real calls (not a trace's fake ones)."""
+    seen = {slot: [] for slot in slots}
+    for slot in slots:
         block = model.get_submodule(slot.path)
         module = block.get_submodule(slot.branch.path) if slot.branch else block
-        module.register_forward_hook(lambda m, a, out, s=slot: seen.setdefault(s, []).append(out))
+        module.register_forward_hook(
+            lambda m, a, out, s=slot: None if isinstance(out, FakeTensor) else seen[s].append(out))
+    return seen
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("skip_inputs", [True, False])
+def test_reusing_everything_after_the_first_step_returns_the_first_steps_outputs(name, skip_inputs):
+    """Every branch module, hooked from outside, computes at the first step only: with its inputs skipped it is not
+    called again; with them computed it returns at every later step what it computed at the first."""
+    model = copy.deepcopy(MODELS[name]).eval()
+    slots = cache_slots(model)
+    apply_caching(model, CachingConfig(router=CacheRouter(STEPS, len(slots), init=-5.0), skip_inputs=skip_inputs))
+    seen = _real_outputs(model, slots)
     sample(model)
     tokenroute.reset_state(model)
-    assert len(seen) == len(cache_slots(model))
     for slot, outputs in seen.items():
-        first = outputs[0] if slot.branch else None
-        for out in outputs[1:]:
-            if slot.branch:
-                assert torch.equal(out, first)
+        if not slot.branch:
+            assert len(outputs) == STEPS  # a residual slot runs its block (the change is reused)
+        elif skip_inputs:
+            assert len(outputs) == 1, slot
+        else:
+            assert len(outputs) == STEPS and all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
+@settings(max_examples=12, deadline=None)
+@given(plan=st.lists(st.lists(st.booleans(), min_size=12, max_size=12), min_size=STEPS - 1, max_size=STEPS - 1),
+       name=st.sampled_from(["dit", "uvit"]))
+def test_skipping_a_reused_branchs_inputs_changes_nothing_but_the_work(plan, name):
+    """For any plan, a block run with its reused branches supplied gives bitwise what its own forward gives with
+    the cached values returned by the branches; the branches' input norms run only at the steps that compute."""
+    outputs, norm_calls = [], []
+    for skip_inputs in (True, False):
+        model = copy.deepcopy(MODELS[name]).eval()
+        slots = cache_slots(model)
+        router = CacheRouter(STEPS, len(slots), init=-5.0)
+        with torch.no_grad():
+            router.logits[1:] = torch.tensor(plan, dtype=torch.float32)[:, : len(slots)] * 10 - 5
+        apply_caching(model, CachingConfig(router=router, skip_inputs=skip_inputs))
+        calls = []
+        norm = model.get_submodule(slots[0].path).norm1
+        norm.register_forward_hook(lambda m, a, out: None if isinstance(out, FakeTensor) else calls.append(1))
+        outputs.append(sample(model))
+        tokenroute.reset_state(model)
+        norm_calls.append(len(calls))
+    assert torch.equal(outputs[0], outputs[1])
+    assert norm_calls == [1 + sum(row[0] for row in plan), STEPS]
 
 
 def test_reused_residual_blocks_add_the_first_steps_change():

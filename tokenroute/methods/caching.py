@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 from ..core.blocks import Branch, bind_arguments, block_branches
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.route import RouteError
+from ..core.splice.branches import BranchSupplier
 from ..core.splice.tracer import tracing
 from ..core.stack import BlockStack
 
@@ -147,6 +148,7 @@ class CachingConfig:
     router: CacheRouter
     threshold: float = 0.1
     blocks: str | list[str] | None = None
+    skip_inputs: bool = True  # at a reused branch, compute nothing that only feeds it (its norm, its modulation)
 
 
 class CachingPatch(Patch):
@@ -169,7 +171,7 @@ class CachingPatch(Patch):
                 f"the router has {config.router.num_slots} slots but {type(stack.owner).__name__}'s stack has "
                 f"{len(self.slots)} (tokenroute.methods.caching.cache_slots lists them); build the router for "
                 "this model")
-        self.router, self.threshold = config.router, config.threshold
+        self.router, self.threshold, self.skip_inputs = config.router, config.threshold, config.skip_inputs
         self.table = config.router.plan(config.threshold)
         self.context = "default"
         self.current: str | None = None  # the context of the forward under way (None: not a cached forward)
@@ -178,6 +180,7 @@ class CachingPatch(Patch):
         self.shapes: dict[tuple[str, int], Any] = {}  # the input shapes each cached output was made for
         self.registry: Any = None  # the model's patch registry (for the routes running now)
         self.installed: list[tuple[nn.Module, Any]] = []
+        self.suppliers: dict[int, BranchSupplier] = {}  # block position -> runs it with reused branches supplied
         self.handles: list[Any] = []
         self.bridge: Any = None  # diffusers' cache context and reset, where the model is a diffusers model
         self.paused = False  # forwards compute everything and leave the steps alone (a teacher's)
@@ -185,6 +188,19 @@ class CachingPatch(Patch):
 
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
+        by_block: dict[int, list[int]] = {}
+        for k, slot in enumerate(self.slots):
+            if slot.branch is not None:
+                by_block.setdefault(slot.block, []).append(k)
+        if self.skip_inputs:
+            for position, ks in by_block.items():
+                block = stack.blocks[position]
+                supplier = BranchSupplier(block, [self.slots[k].branch.path for k in ks],
+                                          functools.partial(self._supply, ks))
+                if supplier.reason is None:
+                    self.suppliers[position] = supplier
+                    _wrap_forward(block, self.installed,
+                                  lambda original, p=position, ks=ks: functools.partial(self._block, p, ks, original))
         for k, slot in enumerate(self.slots):
             block, spec = stack.blocks[slot.block], stack.specs[slot.block]
             call = self._branch if slot.branch else self._residual
@@ -198,6 +214,7 @@ class CachingPatch(Patch):
             self.bridge.uninstall(stack)
             self.bridge = None
         _unwrap_forwards(self.installed)
+        self.suppliers.clear()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -255,9 +272,31 @@ class CachingPatch(Patch):
         splice = self.registry.splice
         return splice is not None and splice.boundaries.reducing() is not None
 
+    def _block(self, position: int, ks: list[int], original: Any, *args: Any, **kwargs: Any) -> Any:
+        """A block with known branches: where the plan reuses some of them (and they are cached), run the block
+        with their values supplied, so that their inputs are not computed either."""
+        if self.current is None or self.scores is not None or tracing():
+            return original(*args, **kwargs)
+        step, key = self.steps[self.current], (self.current, "block", position)
+        shapes = _shapes(args, kwargs)
+        supplied = frozenset(i for i, k in enumerate(ks) if not self.table[step][k] and (self.current, k) in self.cache)
+        if not supplied or self._reducing():
+            self.shapes[key] = shapes
+            return original(*args, **kwargs)
+        if shapes != self.shapes.get(key):
+            raise RouteError(
+                f"block {self.slots[ks[0]].path} is called with inputs of shapes {shapes} at step {step}, but its "
+                f"cached branch outputs were made for {self.shapes.get(key)}: the batch or token count changed "
+                "within a generation. Keep them fixed, or reset between generations")
+        return self.suppliers[position](supplied, original, args, kwargs)
+
+    def _supply(self, ks: list[int], index: int) -> Any:
+        """The cached value of block branch ``index`` (of slots ``ks``), for a block run with it supplied."""
+        return self.cache[(self.current, ks[index])]
+
     def _branch(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
                 *args: Any, **kwargs: Any) -> Any:
-        if self.current is None:
+        if self.current is None or tracing():
             return original(*args, **kwargs)
         key = (self.current, k)
         if self.scores is not None:
@@ -273,7 +312,7 @@ class CachingPatch(Patch):
     def _residual(self, k: int, original: Any, stream: str, stream_output: int | None, block: nn.Module,
                   *args: Any, **kwargs: Any) -> Any:
         """A block whose branches are not known: cache its change to the stream (output minus input)."""
-        if self.current is None:
+        if self.current is None or tracing():
             return original(*args, **kwargs)
         entering = bind_arguments(block, args, kwargs)[stream]
         key = (self.current, k)
@@ -320,6 +359,14 @@ class CachingPatch(Patch):
                  "the slots' FLOPs skipped, weighting each slot by its parameters)"]
         for t, row in enumerate(self.table):
             lines.append(f"    step {t:>3}: " + "".join("#" if c else "." for c in row))
+        branched = sorted({slot.block for slot in self.slots if slot.branch is not None})
+        if branched:
+            skipping = [p for p in branched if p in self.suppliers and self.suppliers[p].reason is None]
+            lines.append(f"    inputs of reused branches skipped in {len(skipping)} of {len(branched)} blocks"
+                         + ("" if self.skip_inputs else " (skip_inputs=False)"))
+            for p, supplier in self.suppliers.items():
+                if supplier.reason is not None:
+                    lines.append(f"      {stack.paths[p]}: computed, {supplier.reason}")
         return lines
 
 

@@ -133,7 +133,9 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input spatial size {tuple(x.shape[-2:])} does not match the model's {self.img_size}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: a transposed view would make the whole residual stream strided, every norm copy it and
+        # every elementwise op run its slow strided kernel
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
