@@ -48,7 +48,8 @@ DIFFUSERS_KINDS = ("diffusers_first_block", "taylorseer", "magcache")
 def variants(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     """(label, kind, parameter) of every variant measured."""
     out = [("no cache", "none", 0.0)]
-    out += [(f"learned, sparsity {s:g}", "learned", s) for s in args.sparsity]
+    weighting = " uniform" if args.router_uniform else ""
+    out += [(f"learned{weighting}, sparsity {s:g}", "learned", s) for s in args.sparsity]
     out += [(f"every {k} steps", "every", k) for k in args.every]
     out += [(f"first-block {t:g}", "first_block", t) for t in args.first_block]
     if args.backbone == "diffusers-dit":
@@ -131,7 +132,8 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
             return noise, torch.randint(0, 10, (args.router_batch,), generator=generator).to(device)
 
         config = RouterTrainingConfig(iterations=args.router_iterations, lr=args.router_lr, sparsity=parameter,
-                                      refresh_every=args.refresh_every, progress=not args.smoke)
+                                      refresh_every=args.refresh_every, progress=not args.smoke,
+                                      weigh_by_cost=not args.router_uniform)
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             train_router(variant, sampler, inputs, config)
@@ -140,6 +142,7 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
     if kind in ("learned", "every"):
         table = tokenroute.core.patches.registry_of(variant).get("caching").table
         facts["slot_calls_computed"] = sum(map(sum, table)) / (len(table) * len(table[0]))
+        facts["plan"] = ["".join("#" if c else "." for c in row) for row in table]  # steps x slots, # computes
     return variant, facts
 
 
@@ -194,6 +197,13 @@ def flops(model: torch.nn.Module, sampler: Any, device: torch.device) -> int:
     return int(counter.get_total_flops())
 
 
+def targets(variants: dict[str, Any]) -> dict[str, list[str]]:
+    """The variants that meet the issue's target: >= 1.5x at a full batch with FID within 5% of no cache."""
+    base = variants["no cache"]["fid"]
+    return {"speedup_1_5_within_5pct_fid": [label for label, r in variants.items()
+                                            if r["speedup_full_batch"] >= 1.5 and r["fid"] <= 1.05 * base]}
+
+
 def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -203,12 +213,17 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     runs = payload["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
     for ax, (steps, run) in zip(axes[0], runs.items()):
-        for kind, marker in (("learned", "o"), ("every", "s"), ("first_block", "^"), ("diffusers_first_block", "v"),
-                             ("taylorseer", "D"), ("magcache", "P"), ("none", "*")):
-            rows = [r for r in run["variants"].values() if r["kind"] == kind]
+        groups = (("learned", "o", lambda label: "uniform" not in label),
+                  ("learned uniform", "o", lambda label: "uniform" in label), ("every", "s", None),
+                  ("first_block", "^", None), ("diffusers_first_block", "v", None), ("taylorseer", "D", None),
+                  ("magcache", "P", None), ("none", "*", None))
+        for name, marker, keep in groups:
+            kind = name.split()[0]
+            rows = sorted((r for label, r in run["variants"].items() if r["kind"] == kind and (keep is None or keep(label))),
+                          key=lambda r: r["speedup_full_batch"])
             if rows:
                 ax.plot([r["speedup_full_batch"] for r in rows], [r["fid"] for r in rows], marker, ls="-" if len(rows) > 1
-                        else "", label=kind.replace("_", "-"), ms=8)
+                        else "", label=name.replace("_", "-"), ms=8, mfc="none" if "uniform" in name else None)
         ax.set_xlabel("sampling speed-up at a full batch (x)")
         ax.set_ylabel(f"FID ({payload['fid_features']})")
         ax.set_title(f"{steps} steps")
@@ -233,10 +248,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fid-samples", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=1000, help="a batch that fills the GPU")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--router-iterations", type=int, default=200)
+    parser.add_argument("--router-iterations", type=int, default=100)
     parser.add_argument("--router-batch", type=int, default=32)
-    parser.add_argument("--router-lr", type=float, default=0.05)
-    parser.add_argument("--router-init", type=float, default=2.0)
+    parser.add_argument("--router-lr", type=float, default=0.1)
+    parser.add_argument("--router-init", type=float, default=0.0)
+    parser.add_argument("--router-uniform", action="store_true",
+                        help="count every slot alike in the sparsity term (HarmoniCa), not by its share of the work")
     parser.add_argument("--refresh-every", type=int, default=50)
     parser.add_argument("--train-minutes", type=float, default=4.0, help="for the pretrained model, if missing")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST's idx files; default: the system's")
@@ -249,8 +266,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         import json
 
         parts = [json.loads(path.read_text()) for path in args.merge]
-        payload = parts[0] | {"runs": {k: v for part in parts for k, v in part["runs"].items()},
-                              "configs": [part["config"] for part in parts]}
+        runs: dict[str, Any] = {}
+        for part in parts:  # variants of later files join (or replace) those of earlier ones, per step count
+            for steps, run in part["runs"].items():
+                runs.setdefault(steps, {"variants": {}})["variants"].update(run["variants"])
+        for run in runs.values():
+            run["targets"] = targets(run["variants"])
+        payload = parts[0] | {"runs": runs, "configs": [part["config"] for part in parts]}
         write_json(args.out, payload)
         plot(payload, args.out.with_suffix(".png"))
         return payload
@@ -297,10 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{steps} steps  {label:<28} {full['no cache'] / full[label]:5.2f}x  FID {score:7.3f}", flush=True)
             payload["runs"][str(steps)] = run
             write_json(args.out, payload)  # what is measured so far survives a time limit
-        base = run["variants"]["no cache"]["fid"]
-        run["targets"] = {"speedup_1_5_within_5pct_fid": [
-            label for label, r in run["variants"].items()
-            if r["speedup_full_batch"] >= 1.5 and r["fid"] <= 1.05 * base]}
+        run["targets"] = targets(run["variants"])
         payload["runs"][str(steps)] = run
     write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))

@@ -211,6 +211,16 @@ def test_router_training_trades_error_for_reuse(sparsity, computed):
     assert torch.isfinite(generate(model, sampler, x, y)).all()
 
 
+def test_a_router_that_cannot_reach_the_threshold_is_refused():
+    """Logits starting at 5 cannot fall below logit(0.1) in 10 steps of lr 0.01: refused before any work."""
+    from tokenroute.methods.caching import RouterTrainingConfig, Sampler, train_router
+
+    model = cached("dit", lambda slots: CacheRouter(4, slots, init=5.0))
+    sampler = Sampler.flow_euler(4, lambda m, x, t, y: m(x, torch.full((x.shape[0],), t * 1000.0), y))
+    with pytest.raises(RouteError, match=r"none can fall below the threshold's logit .* init=0.0"):
+        train_router(model, sampler, lambda g: None, RouterTrainingConfig(iterations=10, lr=0.01))
+
+
 @pytest.mark.parametrize("init", [5.0, -5.0])
 def test_it_composes_with_tread_routes_and_routing_guidance(init):
     """On a TREAD-wrapped model, sampling with routing guidance: each guidance call keeps its own cache, and

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -185,9 +186,12 @@ class CachingPatch(Patch):
         self.bridge: Any = None  # diffusers' cache context and reset, where the model is a diffusers model
         self.paused = False  # forwards compute everything and leave the steps alone (a teacher's)
         self.scores: torch.Tensor | None = None  # router training: soft compute scores [steps, slots], with grad
+        self.costs: list[float] = []  # each slot's share of the slots' work (its parameters), mean 1
 
     # -- installation ----------------------------------------------------------------------------------------
     def attach(self, stack: BlockStack) -> None:
+        weights = [sum(p.numel() for p in _slot_module(stack, slot).parameters()) for slot in self.slots]
+        self.costs = [w / max(sum(weights) / len(weights), 1) for w in weights]  # mean 1: what skipping saves
         by_block: dict[int, list[int]] = {}
         for k, slot in enumerate(self.slots):
             if slot.branch is not None:
@@ -352,8 +356,7 @@ class CachingPatch(Patch):
     def describe(self, stack: BlockStack) -> list[str]:
         computed = sum(sum(row) for row in self.table)
         total = len(self.table) * len(self.slots)
-        weights = [sum(p.numel() for p in _slot_module(stack, slot).parameters()) for slot in self.slots]
-        skipped = sum(w for row in self.table for w, c in zip(weights, row) if not c) / max(sum(weights) * len(self.table), 1)
+        skipped = sum(w for row in self.table for w, c in zip(self.costs, row) if not c) / (len(self.costs) * len(self.table))
         lines = [f"  feature cache: {len(self.slots)} slots over {len(self.table)} steps, threshold {self.threshold}; "
                  f"computes {computed} of {total} slot calls ({1 - computed / total:.0%} reused, about {skipped:.0%} of "
                  "the slots' FLOPs skipped, weighting each slot by its parameters)"]
@@ -603,11 +606,17 @@ class Sampler:
 class RouterTrainingConfig:
     """iterations: router updates (each one trajectory of a fresh batch); lr: AdamW (weight decay 0);
     sparsity: beta, the weight of sum(s) against the lambda-weighted error (lambda normalised to mean 1);
-    refresh_every: iterations between lambda refreshes (the image-error proxy); threshold: the plan's."""
+    weigh_by_cost: each slot's s counts by its share of the work (its parameters, mean 1), so that the router
+    prefers to reuse the expensive branches (HarmoniCa counts every slot alike: False);
+    refresh_every: iterations between lambda refreshes (the image-error proxy); threshold: the plan's.
+
+    An AdamW step moves a logit by about ``lr``: HarmoniCa's lr 0.01 suits its 20K iterations; over a few hundred,
+    0.05 lets a logit travel from the router's start (5 computes everything) to below the threshold."""
 
     iterations: int = 200
-    lr: float = 0.01
+    lr: float = 0.05
     sparsity: float = 1e-3
+    weigh_by_cost: bool = True
     refresh_every: int = 50
     threshold: float = 0.1
     progress: bool = False
@@ -692,9 +701,19 @@ def train_router(model: nn.Module, sampler: Sampler, inputs: Callable[[torch.Gen
     if router.num_steps != sampler.num_steps:
         raise RouteError(f"the router has {router.num_steps} steps but the sampler takes {sampler.num_steps}; "
                          "build the router for the sampler's step count")
+    reach = float(router.logits.detach()[1:].min()) - config.lr * config.iterations if router.num_steps > 1 else 0.0
+    floor = math.log(config.threshold / (1 - config.threshold))
+    if reach > floor:
+        raise RouteError(
+            f"the router's logits start at {reach + config.lr * config.iterations:g} or more, and {config.iterations} "
+            f"AdamW steps of lr {config.lr:g} move a logit by about {config.lr * config.iterations:g}: none can fall "
+            f"below the threshold's logit {floor:.3g}, so no slot could ever be reused. Raise "
+            "RouterTrainingConfig.lr or .iterations, or start the router lower (CacheRouter(..., init=0.0))")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([router.logits], lr=config.lr, weight_decay=0.0)
     weights = torch.ones(router.num_steps)
+    costs = torch.tensor(patch.costs if config.weigh_by_cost else [1.0] * router.num_slots,
+                         device=router.logits.device)
     iterations = range(config.iterations)
     if config.progress:
         from tqdm.auto import tqdm
@@ -723,7 +742,7 @@ def train_router(model: nn.Module, sampler: Sampler, inputs: Callable[[torch.Gen
                         patch.scores = None
                         scores = torch.sigmoid(router.logits[i])
                         loss = weights[i] * (student.float() - teacher.float()).square().mean() \
-                            + config.sparsity * scores.sum()
+                            + config.sparsity * (costs * scores).sum()
                         loss.backward()
                         total += float(loss.detach())
                     x = sampler.update(i, x, student.detach())
