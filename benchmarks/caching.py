@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = bench_device(cpu=args.cpu)
     if args.smoke:
         args.fid_samples, args.batch, args.repeats, args.router_iterations = 40, 20, 1, 3
-        args.router_batch, args.refresh_every = 4, 2
+        args.router_batch, args.refresh_every, args.router_lr = 4, 2, 1.0  # 3 steps of lr 1 reach the threshold
         args.steps, args.sparsity, args.every, args.first_block = args.steps[:1], args.sparsity[:1], args.every[:1], \
             args.first_block[:1]
     if args.backbone == "diffusers-dit":

@@ -66,6 +66,21 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
     return "\n".join(rows)
 
 
+def caching(path: Path = RESULTS / "caching.json") -> str:
+    """One table per step count, variants by their speed-up at a full batch."""
+    data = json.loads(path.read_text())
+    rows = [f"{data['environment']['device']}, FID on {data['fid_features']} (`{path.relative_to(RESULTS.parent.parent)}`):"]
+    for steps, run in data["runs"].items():
+        rows += ["", f"| {steps} steps | speed-up, batch 1000 | speed-up, batch 1 | GFLOPs per image | slot calls computed "
+                 "| FID |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, v in sorted(run["variants"].items(), key=lambda item: item[1]["speedup_full_batch"]):
+            computed = v.get("slot_calls_computed")
+            rows.append(f"| {name} | {v['speedup_full_batch']:.2f}x | {v['speedup_batch_1']:.2f}x | "
+                        f"{v['flops_per_image'] / 1e9:.1f} | {'' if computed is None else f'{computed:.0%}'} | "
+                        f"{v['fid']:.2f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print(throughput())
     print()
@@ -76,3 +91,7 @@ if __name__ == "__main__":
     print(convergence())
     print()
     print(convergence(RESULTS / "convergence_lr1e-4.json"))
+    print()
+    print(caching())
+    print()
+    print(caching(RESULTS / "caching_diffusers.json"))
