@@ -87,6 +87,36 @@ class TokenLayout:
 INPUT_PACKINGS: dict[str, Callable[[dict[str, Any]], slice]] = {}
 
 
+@dataclass(frozen=True)
+class StreamTokens:
+    """The tokens of a block's stream as the block runs: the full stream's ``layout`` and, where a route runs the
+    block on a subset of them, the kept positions ``index`` (B, K) in the full stream (None: every token)."""
+
+    layout: TokenLayout
+    index: torch.Tensor | None = None
+
+    def grid_index(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """(B or 1, size): each entry's place on the image grid (row-major), -1 for tokens that are not image
+        tokens. ``size``: the length of the sequence the block's attention sees, where joint attention adds
+        other tokens (text) to the stream's on the side the layout's ``joint`` names; default the stream's."""
+        layout = self.layout
+        device = self.index.device if self.index is not None else device
+        full = torch.full((layout.length,), -1, dtype=torch.long, device=device)
+        full[layout.image_slice] = torch.arange(layout.image, device=device)
+        tokens = full[None] if self.index is None else full[self.index]
+        size = tokens.shape[1] if size is None else size
+        if size == tokens.shape[1]:
+            return tokens
+        if size < tokens.shape[1] or layout.joint is None:
+            raise RouteError(
+                f"an attention sequence of {size} tokens holds the stream's {tokens.shape[1]} and "
+                f"{size - tokens.shape[1]} others (text in joint attention), and the blocks do not say on which side "
+                "the others sit; register the block class with tokenroute.BlockSpec(..., joint='text_first' or "
+                "'text_last')")
+        others = torch.full((tokens.shape[0], size - tokens.shape[1]), -1, dtype=torch.long, device=tokens.device)
+        return torch.cat([others, tokens] if layout.joint == "text_first" else [tokens, others], dim=1)
+
+
 def register_input_packing(model_class: type | str, image_tokens: Callable[[dict[str, Any]], slice]) -> None:
     """Declare that ``model_class``'s forward receives other tokens packed into its image input:
     ``image_tokens(arguments)`` returns the slice of the input's tokens that are the image's own (the same for

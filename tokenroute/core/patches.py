@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
-from .plan import Plan, Segment, Stage
+from .plan import Plan, Segment, Stage, Tap
 from .route import RouteError
 from .selection import RoutingGenerator
 from .splice import MECHANISMS, OriginalForward, Splice
@@ -60,10 +60,12 @@ class Patch:
     def __init__(self) -> None:
         self.segments: list[Segment] = []
         self.stages: list[Stage] = []
+        self.taps: list[Tap] = []  # blocks whose stream layout this method reads (Boundaries.tokens_at)
         self.modules: dict[str, nn.Module] = {}  # registered on the stack's owner
         self.generator: RoutingGenerator | None = None
         self.prefix_tokens: int | None = None  # None: the stack's
         self.mechanism: str = "auto"
+        self.registry: PatchRegistry | None = None  # set when applied: the splice running now, the stack
 
     def take_options(self, options: SpliceOptions) -> None:
         """Adopt the shared options: a routing generator of this method's own, the layout, the mechanism."""
@@ -168,7 +170,8 @@ class PatchRegistry:
         if len(mechanisms) > 1:
             raise RouteError(f"the methods applied ask for different mechanisms {sorted(mechanisms)}")
         declared = self.prefix_declared or any(p.prefix_tokens is not None for p in patches)
-        return Plan(segments, stages, prefix, declared), mechanisms.pop() if mechanisms else "auto"
+        taps = sorted({tap for p in patches for tap in p.taps}, key=lambda tap: (tap.block, tap.method))
+        return Plan(segments, stages, taps, prefix, declared), mechanisms.pop() if mechanisms else "auto"
 
     def _rebuild(self, patches: list[Patch]) -> None:
         """Swap in a splice for ``patches`` (already checked) and re-attach every patch's hooks in order."""
@@ -178,7 +181,7 @@ class PatchRegistry:
             self.splice.close()
             self.splice = None
         plan, mechanism = self._plan(patches)
-        if plan.segments or plan.stages:
+        if plan.segments or plan.stages or plan.taps:
             self.splice = Splice(self.stack, plan, mechanism, self.original)
         for patch in sorted(patches, key=lambda p: p.order):
             patch.attach(self.stack)
@@ -196,6 +199,7 @@ class PatchRegistry:
         patches = [*self.patches.values(), patch]
         self._plan(patches)  # check before changing anything
         first = not self.patches
+        patch.registry = self
         self.patches[patch.name] = patch
         for name, module in patch.modules.items():
             owner.add_module(name, module)

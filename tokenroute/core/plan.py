@@ -1,7 +1,8 @@
 """The plan: what every applied method contributes to the block stack, merged in block order.
 
 Segments are routes of the stack with the token operation each applies (``operations``); stages are modules
-run on the stream after a block (an added decoder). ``splice`` carries a plan out, one forward at a time.
+run on the stream after a block (an added decoder); taps are blocks whose stream's token layout a method reads
+while the block runs (local attention needs each token's place on the grid). ``splice`` carries a plan out, one forward at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class Stage:
     needed_in_eval: bool = True
 
 
+@dataclass(frozen=True)
+class Tap:
+    """Block ``block``'s stream layout is read (from the graph, at the trace) for method ``method``; eval forwards
+    run the splice so that it is known there too."""
+
+    block: int
+    method: str
+
+
 @dataclass
 class Plan:
     """Every segment and stage on the stack, in block order; the prefix tokens no segment routes, and whether
@@ -42,6 +52,7 @@ class Plan:
 
     segments: list[Segment] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
+    taps: list[Tap] = field(default_factory=list)
     prefix_tokens: int = 0
     prefix_declared: bool = False
 
@@ -51,7 +62,7 @@ class Plan:
 
     @property
     def needed_in_eval(self) -> bool:
-        return any(stage.needed_in_eval for stage in self.stages)
+        return bool(self.taps) or any(stage.needed_in_eval for stage in self.stages)
 
     def route_of(self) -> dict[int, int]:
         """Block position -> index of the segment containing it."""

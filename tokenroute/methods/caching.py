@@ -179,7 +179,6 @@ class CachingPatch(Patch):
         self.steps: dict[str, int] = {}  # context -> index of its current step
         self.cache: dict[tuple[str, int], Any] = {}
         self.shapes: dict[tuple[str, int], Any] = {}  # the input shapes each cached output was made for
-        self.registry: Any = None  # the model's patch registry (for the routes running now)
         self.installed: list[tuple[nn.Module, Any]] = []
         self.suppliers: dict[int, BranchSupplier] = {}  # block position -> runs it with reused branches supplied
         self.handles: list[Any] = []
@@ -439,9 +438,7 @@ def apply_caching(model: nn.Module, config: CachingConfig) -> nn.Module:
     registry = PatchRegistry.for_model(model, config.blocks)
     if NAME in registry:
         raise RouteError(f"{type(model).__name__} already has a feature cache; remove_caching(model) first")
-    patch = CachingPatch(config, registry.stack)
-    patch.registry = registry
-    registry.apply(patch)
+    registry.apply(CachingPatch(config, registry.stack))
     return model
 
 

@@ -205,7 +205,10 @@ class Splice:
             traced = self._trace(key, args, kwargs, constants, tensors, spec)
             if traced is None:
                 return None
-        return traced(tuple(tensors)) if run else traced
+        if not run:
+            return traced
+        self.boundaries.tapped = traced.tapped
+        return traced(tuple(tensors))
 
     @torch.compiler.disable
     def _trace(self, key: tuple, args: tuple, kwargs: dict, constants: list[Any], tensors: list[torch.Tensor],

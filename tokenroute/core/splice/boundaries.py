@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import StreamTokens, TokenLayout
 from ..operations import needs_shared_selection
 from ..plan import Plan
 from ..route import RouteError, check_ratio
@@ -39,6 +39,8 @@ class Boundaries:
         self.runs: list[Any] = [None] * len(plan.segments)
         self.routing = False  # this (or the last) forward drops tokens
         self.open: int | None = None  # the segment whose blocks are running
+        self.tapped: dict[int, TokenLayout] = {}  # tapped block -> its stream's layout, for the graph running now
+        self.segment_of = plan.route_of()
 
     # -- per forward ---------------------------------------------------------------------------------------
     def active(self, training: bool) -> bool:
@@ -48,6 +50,7 @@ class Boundaries:
         self.runs = [None] * len(self.plan.segments)
         self.routing = routing
         self.open = None
+        self.tapped = {}
 
     def end_forward(self) -> None:
         """Keep only what ``masks`` needs, not the route-start tensors."""
@@ -98,6 +101,17 @@ class Boundaries:
             return operation.exit(run, value) if flag else value
 
         return tuple(back(v, r) for v, r in zip(values, routed))
+
+    def tokens_at(self, block: int) -> StreamTokens | None:
+        """The tokens of block ``block``'s stream as it runs now: its layout (read from the graph where a method
+        taps the block, else the running route's) and, inside a route that keeps a subset, their positions in
+        the full stream. None where no layout is known (a forward the hooks splice runs, an untapped block)."""
+        i = self.segment_of.get(block)
+        run = self.runs[i] if i is not None and self.open == i else None
+        layout = self.tapped.get(block, getattr(run, "layout", None))
+        if layout is None:
+            return None
+        return StreamTokens(layout, getattr(run, "index", None))
 
     def reducing(self) -> str | None:
         """What the blocks running now run on ('8 of 16 tokens'), where a segment reduces the stream; else None.

@@ -105,6 +105,7 @@ class TracedForward:
     module: fx.GraphModule
     call: _Call
     boundaries: list[Boundary]
+    tapped: dict[int, TokenLayout] = field(default_factory=dict)  # tapped block -> its stream's layout
 
     def __call__(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         return tree_unflatten(list(self.module(tensors)), self.call.out_spec)
@@ -124,10 +125,10 @@ def trace(stack: BlockStack, forward: Callable[..., Any], boundaries: Boundaries
             node.meta["label"] = f"input {input_names[node.args[1]]}"
             node.meta["image_input"] = input_names[node.args[1]].startswith(image_input)
     module = fx.GraphModule(call, graph, class_name=f"Routed{type(stack.owner).__name__}")
-    described = splice(module, stack, boundaries, _bound(forward, stack.owner, args, kwargs))
+    described, tapped = splice(module, stack, boundaries, _bound(forward, stack.owner, args, kwargs))
     for node in module.graph.nodes:  # drop the traced call's tensors: they would pin its activations
         node.meta.pop("concrete", None)
-    return TracedForward(module, call, described)
+    return TracedForward(module, call, described, tapped)
 
 
 def _bound(forward: Callable[..., Any], owner: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -194,9 +195,9 @@ def _contains(value: Any, node: fx.Node) -> bool:
 
 
 def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries,
-           arguments: dict[str, Any] | None = None) -> list[Boundary]:
+           arguments: dict[str, Any] | None = None) -> tuple[list[Boundary], dict[int, TokenLayout]]:
     """Splice every segment's start and end nodes, then every stage, into the traced graph; returns what
-    each segment's boundaries do."""
+    each segment's boundaries do, and the layout of each tapped block's stream (read before any splice)."""
     graph = module.graph
     blocks = _block_nodes(graph, stack)
     block_of = dict(zip(blocks, stack.blocks))
@@ -224,7 +225,18 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries,
                 "routes off these blocks, or register the block with the argument that carries (B, L, D) tokens: "
                 "tokenroute.register_block(cls, tokenroute.BlockSpec(stream=name))")
         _refuse_sequence_first(graph, stream, i)
-        layouts.append(dataclasses.replace(reader.layout(stream, boundaries.plan, i), joint=boundaries.joints[i]))
+        entering = f"route {i} ({segment.method})"
+        layouts.append(dataclasses.replace(reader.layout(stream, boundaries.plan, entering), joint=boundaries.joints[i]))
+    tapped = {}
+    for tap in boundaries.plan.taps:
+        node = blocks[tap.block]
+        stream = _argument(node, block_of[node], spec_of[node].stream)
+        entering = f"block {tap.block} ({stack_paths[tap.block]}, read for {tap.method})"
+        if not isinstance(stream, fx.Node) or not isinstance(_concrete(stream), torch.Tensor) \
+                or _concrete(stream).dim() < 3:
+            raise RouteError(f"the stream entering {entering} is not a traced (B, L, D) tensor")
+        tapped[tap.block] = dataclasses.replace(reader.layout(stream, boundaries.plan, entering),
+                                                joint=stack.specs[tap.block].joint)
     described = []
     for i, segment in enumerate(boundaries.plan.segments):
         region = _region(graph, blocks[segment.route.start], blocks[segment.route.end])
@@ -236,7 +248,7 @@ def splice(module: fx.GraphModule, stack: BlockStack, boundaries: Boundaries,
         _splice_stage(module, boundaries, k, node, spec_of[node], block_of[node])
     graph.lint()
     module.recompile()
-    return described
+    return described, tapped
 
 
 def _region(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:

@@ -242,9 +242,10 @@ class LayoutReader:
         grid = tuple(size // stride for size, stride in zip(image.shape[2:], convs[0].stride))
         return grid if math.prod(grid) == count else None
 
-    def layout(self, stream: fx.Node, plan: Plan, route: int) -> TokenLayout:
-        """The layout of the stream entering segment ``route``: read from the graph, checked against a
-        declared prefix; the declared prefix where the graph does not say; refused where neither does."""
+    def layout(self, stream: fx.Node, plan: Plan, entering: str) -> TokenLayout:
+        """The layout of the stream ``entering`` ('route 0 (tread)', 'block 3 (local attention)'): read from
+        the graph, checked against a declared prefix; the declared prefix where the graph does not say; refused
+        where neither does."""
         length = _length(stream)
         try:
             lead, count, source, how = self.span(stream)
@@ -252,14 +253,14 @@ class LayoutReader:
             if plan.prefix_declared:
                 return TokenLayout.declared(length, plan.prefix_tokens, True)
             raise RouteError(
-                f"the stream entering route {route} ({plan.segments[route].method}) has {length} tokens, and which "
+                f"the stream entering {entering} has {length} tokens, and which "
                 f"of them are image tokens cannot be read from the graph: {why}. Declare the tokens that must never "
                 "be routed: prefix_tokens=K for K leading ones (time, label, class or text tokens), or "
                 "prefix_tokens=0 if every token may be routed") from None
         if plan.prefix_declared and (lead, count) != (plan.prefix_tokens, length - plan.prefix_tokens):
             raise RouteError(
-                f"prefix_tokens={plan.prefix_tokens} is declared, but the graph shows the stream entering route "
-                f"{route} with its {count} image tokens after {lead} others and before {length - lead - count} "
+                f"prefix_tokens={plan.prefix_tokens} is declared, but the graph shows the stream entering "
+                f"{entering} with its {count} image tokens after {lead} others and before {length - lead - count} "
                 f"more ({'; '.join(how)}). Drop the declaration (tokenroute reads the layout) or correct it")
         grid = self.grid(source, count)
         sources = {"image tokens": "; ".join(how) if how else f"all {length} tokens come from the image input"}
