@@ -1,0 +1,147 @@
+"""Local attention (tokenroute.methods.local_attention), checked from outside: outputs against the unwrapped model,
+and which tokens' attention outputs change when one token's attention input is perturbed (hooks on the branch)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tokenroute
+from tokenroute import RouteError
+from tokenroute.methods.local_attention import LocalAttentionConfig, apply_local_attention, remove_local_attention
+
+from helpers import backbone_inputs, make_backbone
+
+SIZE = 16  # 8 x 8 tokens
+MODELS = {name: make_backbone(name, depth=3, size=SIZE).eval() for name in ("dit", "uvit")}
+
+
+def local(name: str, **config) -> torch.nn.Module:
+    return apply_local_attention(copy.deepcopy(MODELS[name]), LocalAttentionConfig(backend="sdpa", **config))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_radius_that_covers_the_grid_is_dense_attention(name):
+    x, t, y = backbone_inputs(2, size=SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(local(name, radius=100.0)(x, t, y), MODELS[name](x, t, y), rtol=0, atol=1e-5)
+
+
+def _changed_rows(model: torch.nn.Module, token: int) -> torch.Tensor:
+    """Rows of the first block's attention output that change when its input row ``token`` is perturbed."""
+    attention = tokenroute.core.find_stack(model).blocks[0].attn
+    outputs = []
+
+    def perturb(module, args):
+        if len(outputs) == 1:
+            x = args[0].clone()
+            x[:, token] += 1.0
+            return (x, *args[1:])
+
+    handles = [attention.register_forward_pre_hook(perturb),
+               attention.register_forward_hook(lambda m, a, out: outputs.append(out))]
+    x, t, y = backbone_inputs(1, size=SIZE)
+    with torch.no_grad():
+        model(x, t, y)
+        model(x, t, y)
+    for handle in handles:
+        handle.remove()
+    return ((outputs[-1] - outputs[-2]).abs().amax(-1) > 0)[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("radius", [1.0, 2.5, 4.0])
+def test_a_query_sees_the_keys_within_the_radius_and_the_global_tokens(name, radius):
+    """Perturb one image token's attention input: exactly the image tokens within the radius of it (and every
+    non-image token, which sees all) change their attention output."""
+    model = local(name, radius=radius)
+    x, t, y = backbone_inputs(1, size=SIZE)
+    with torch.no_grad():
+        model(x, t, y)
+    lead = _lead(model)
+    side = SIZE // 2
+    row, col = 3, 5
+    changed = _changed_rows(model, lead + row * side + col)
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    near = ((ys - row) ** 2 + (xs - col) ** 2 < radius ** 2).flatten()
+    expected = torch.cat([torch.ones(lead, dtype=torch.bool), near, torch.ones(len(changed) - lead - side * side,
+                                                                                dtype=torch.bool)])
+    assert torch.equal(changed, expected)
+
+
+def _lead(model: torch.nn.Module) -> int:
+    """The non-image tokens before the grid, as the model's own graph says (read through explain's layout)."""
+    registry = tokenroute.core.patches.registry_of(model)
+    return next(iter(registry.splice.signatures.graphs.values())).tapped[0].lead
+
+
+def test_remove_restores_the_model_bitwise_and_bad_configs_are_refused():
+    model = local("dit", radius=2.0)
+    x, t, y = backbone_inputs(2, size=SIZE)
+    remove_local_attention(model)
+    assert not tokenroute.is_wrapped(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), MODELS["dit"](x, t, y))
+    with pytest.raises(RouteError, match="radius below 1"):
+        local("dit", radius=0.5)
+    with pytest.raises(RouteError, match="stack has 3"):
+        local("dit", blocks=[7])
+
+
+def test_it_composes_with_tread_routing():
+    """Training with a TREAD route: with a radius that covers the grid the routed forward is the routed model's;
+    with a small one it differs, and gradients reach the same parameters."""
+    x, t, y = backbone_inputs(2, size=SIZE)
+    outputs = []
+    for config in (None, dict(radius=100.0), dict(radius=1.5)):
+        model = tokenroute.wrap(copy.deepcopy(MODELS["dit"]), routes=[(1, 1, 0.5)], seed=3)
+        if config:
+            apply_local_attention(model, LocalAttentionConfig(backend="sdpa", **config))
+        out = model.train()(x, t, y)
+        out.square().mean().backward()
+        outputs.append((out.detach(), {n for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[2][0], outputs[0][0], atol=1e-4)
+    assert outputs[0][1] == outputs[1][1] == outputs[2][1]
+
+
+def test_a_model_whose_grid_cannot_be_read_is_refused():
+    """A DiT whose forward branches on a tensor's value cannot be traced: the grid is unknown, and refused."""
+    model = copy.deepcopy(MODELS["dit"])
+
+    class ValueBranchingDiT(type(model)):
+        def forward(self, x, t, y):
+            return super().forward(x, t, y) if float(x.mean()) > -1e9 else x
+
+    model.__class__ = ValueBranchingDiT
+    apply_local_attention(model, LocalAttentionConfig(radius=2.0))
+    x, t, y = backbone_inputs(1, size=SIZE)
+    with pytest.raises(RouteError, match="not known"):
+        model(x, t, y)
+
+
+def test_joint_attention_with_a_declared_grid():
+    """Flux packs its latents with a linear layer: the grid is declared and checked; text stays global, so a
+    radius that covers the grid is Flux's own attention, a small one is not."""
+    from family.cases_core import flux
+
+    plain, inputs = flux(layers=1)
+    plain.eval()
+    with torch.no_grad():
+        reference = plain(**inputs).sample
+    model = apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=2.0, backend="sdpa"))
+    with pytest.raises(RouteError, match=r"grid=\(H, W\)"):
+        model(**inputs)
+    outputs = {}
+    for radius in (100.0, 1.0):
+        model = apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=radius, grid=(4, 4),
+                                                                                   backend="sdpa"))
+        with torch.no_grad():
+            outputs[radius] = model(**inputs).sample
+    torch.testing.assert_close(outputs[100.0], reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[1.0], reference, atol=1e-4)
+    wrong = apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=2.0, grid=(2, 4), backend="sdpa"))
+    with pytest.raises(RouteError, match="does not match"):
+        wrong(**inputs)

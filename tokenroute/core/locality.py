@@ -1,0 +1,168 @@
+"""Local attention's masks and kernels: which query may see which key, from each token's place on the grid.
+
+Each token of an attention sequence has coordinates on the image grid ((row, col), or (frame, row, col)), or is
+global (-1 throughout: text, class, register tokens) or pooled (-2 throughout: a key made by pooling the grid,
+seen by image queries only). A query sees a key iff either is global, or the key is pooled and the query an image
+token, or they are near: ``dy^2 + dx^2 < r^2`` (same frame), or, tile-aligned, their tiles are at most
+``radius_tiles`` apart each way (square windows aligned to tiles: ordered tile by tile, no kernel block is partly
+masked).
+
+On CUDA the attention runs in FlexAttention with a block mask cached per layout key in a ``LocalMasks`` the
+caller owns (no module globals); elsewhere in scaled_dot_product_attention with the dense boolean mask, which has
+the same semantics and a backward on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Hashable
+
+import torch
+import torch.nn.functional as F
+
+GLOBAL, POOLED = -1, -2
+
+
+def _near(qc: torch.Tensor, kc: torch.Tensor, radius: float | None, tile: tuple[int, int] | None,
+          radius_tiles: int | None) -> torch.Tensor:
+    """Whether image query coordinates ``qc`` and key coordinates ``kc`` (broadcast against each other) are near."""
+    same_frame = (qc[..., 0] == kc[..., 0]) if qc.shape[-1] == 3 else True
+    dy, dx = qc[..., -2] - kc[..., -2], qc[..., -1] - kc[..., -1]
+    if tile is None:
+        return same_frame & (dy * dy + dx * dx < radius * radius)
+    ty = qc[..., -2] // tile[0] - kc[..., -2] // tile[0]
+    tx = qc[..., -1] // tile[1] - kc[..., -1] // tile[1]
+    return same_frame & (ty.abs() <= radius_tiles) & (tx.abs() <= radius_tiles)
+
+
+def _allowed(q_image: torch.Tensor, k_kind: torch.Tensor, near: Any) -> torch.Tensor:
+    """The rule, written once for the dense mask and the block mask: global keys for everyone, every key but the
+    pooled ones for global queries, pooled keys for image queries, image keys for the image queries near them."""
+    return (k_kind == GLOBAL) | (~q_image & (k_kind != POOLED)) | (q_image & (k_kind == POOLED)) | \
+        (q_image & (k_kind >= 0) & near())
+
+
+def check_rule(radius: float | None, tile: tuple[int, int] | None, radius_tiles: int | None) -> None:
+    if tile is None and (radius is None or radius < 1):
+        raise ValueError(f"radius {radius}: below 1 token an image query sees no image key; give radius >= 1")
+    if tile is not None and (len(tile) != 2 or min(tile) < 1 or radius_tiles is None or radius_tiles < 0):
+        raise ValueError(f"tile {tile} with radius_tiles {radius_tiles}: give two positive tile sides and "
+                         "radius_tiles >= 0")
+
+
+def local_mask(q_coords: torch.Tensor, kv_coords: torch.Tensor, *, radius: float | None = None,
+               tile: tuple[int, int] | None = None, radius_tiles: int | None = None) -> torch.Tensor:
+    """Dense boolean mask (..., Lq, Lkv), True where the query may see the key. Coordinates (L, n) or (B, L, n)."""
+    check_rule(radius, tile, radius_tiles)
+    if q_coords.shape[-1] not in (2, 3) or kv_coords.shape[-1] != q_coords.shape[-1]:
+        raise ValueError(f"coordinates of shapes {tuple(q_coords.shape)} and {tuple(kv_coords.shape)}: give (L, 2) "
+                         "or (L, 3) per sequence (row, col or frame, row, col; -1 for global tokens)")
+    qc, kc = q_coords[..., :, None, :], kv_coords[..., None, :, :]
+    q_image, k_kind = qc[..., 0] >= 0, kc[..., 0]
+    return _allowed(q_image, k_kind, lambda: _near(qc, kc, radius, tile, radius_tiles))
+
+
+def tile_order(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation that orders a row-major grid's tokens tile by tile, and its inverse."""
+    if grid[0] % tile[0] or grid[1] % tile[1]:
+        raise ValueError(f"tiles of {tile[0]}x{tile[1]} do not divide the grid {grid[0]}x{grid[1]}; choose tile sides "
+                         "that divide it")
+    index = torch.arange(grid[0] * grid[1]).view(grid[0] // tile[0], tile[0], grid[1] // tile[1], tile[1])
+    order = index.permute(0, 2, 1, 3).reshape(-1)
+    return order, torch.argsort(order)
+
+
+def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: int,
+              weights: torch.Tensor) -> torch.Tensor:
+    """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens:
+    the grid pooled by d x d windows with ``weights`` (d * d,) -> (B, H, (Hg / d) * (Wg / d), D)."""
+    if len(grid) != 2 or grid[0] % d or grid[1] % d:
+        raise ValueError(f"pooled keys and values need a 2D grid divisible by d={d}, got {grid}")
+    b, h, _, c = x.shape
+    image = x[:, :, lead: x.shape[2] - trail].reshape(b, h, grid[0] // d, d, grid[1] // d, d, c)
+    windows = image.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, grid[0] // d, grid[1] // d, d * d, c)
+    return (windows * weights.to(x.dtype)[:, None]).sum(-2).reshape(b, h, -1, c)
+
+
+class LocalMasks:
+    """Block masks by layout key (least recently used out, at most ``capacity``), and the compiled FlexAttention:
+    owned by the method that uses them, not by the module."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self.blocks: OrderedDict[Hashable, Any] = OrderedDict()
+        self._flex: Any = None
+
+    def flex(self) -> Any:
+        if self._flex is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._flex = torch.compile(flex_attention, dynamic=False)
+        return self._flex
+
+    def block_mask(self, key: Hashable | None, q_coords: torch.Tensor, kv_coords: torch.Tensor, rule: dict) -> Any:
+        """The FlexAttention block mask of these coordinates (cached by ``key`` where the coordinates are one
+        sequence's, shared by the batch)."""
+        if key is not None and key in self.blocks:
+            self.blocks.move_to_end(key)
+            return self.blocks[key]
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batched = q_coords.dim() == 3
+
+        def mask_mod(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+            qc = q_coords[b, qi] if batched else q_coords[qi]
+            kc = kv_coords[b, ki] if batched else kv_coords[ki]
+            q_image, k_kind = qc[0] >= 0, kc[0]
+            return _allowed(q_image, k_kind, lambda: _near(qc, kc, **rule))
+
+        mask = create_block_mask(mask_mod, q_coords.shape[0] if batched else None, None, q_coords.shape[-2],
+                                 kv_coords.shape[-2], device=q_coords.device)
+        if key is not None and not batched:
+            self.blocks[key] = mask
+            if len(self.blocks) > self.capacity:
+                self.blocks.popitem(last=False)
+        return mask
+
+
+def block_sparsity(block_mask: Any) -> float:
+    """The share of the kernel's (query block, key block) pairs the mask skips (partly masked blocks count as run)."""
+    q_blocks = math.ceil(block_mask.seq_lengths[0] / block_mask.BLOCK_SIZE[0])
+    kv_blocks = math.ceil(block_mask.seq_lengths[1] / block_mask.BLOCK_SIZE[1])
+    run = block_mask.kv_num_blocks.sum()
+    if block_mask.full_kv_num_blocks is not None:
+        run = run + block_mask.full_kv_num_blocks.sum()
+    pairs = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1] * q_blocks * kv_blocks
+    return 1.0 - float(run) / pairs
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords: torch.Tensor,
+                    kv_coords: torch.Tensor, *, radius: float | None = None, tile: tuple[int, int] | None = None,
+                    radius_tiles: int | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    masks: LocalMasks | None = None, key: Hashable | None = None, scale: float | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Attention (B, H, L, D) -> (B, H, L, D) with the local rule; ``extra_kv`` (pooled keys and values, (B, H, P,
+    D)) appended to the keys, seen by image queries only. backend: "auto" (FlexAttention on CUDA, else SDPA with
+    the dense mask), "flex" or "sdpa"."""
+    check_rule(radius, tile, radius_tiles)
+    rule = dict(radius=radius, tile=tile, radius_tiles=radius_tiles)
+    if extra_kv is not None:
+        pooled = torch.full((*kv_coords.shape[:-2], extra_kv[0].shape[-2], kv_coords.shape[-1]), POOLED,
+                            dtype=kv_coords.dtype, device=kv_coords.device)
+        kv_coords = torch.cat([kv_coords, pooled], dim=-2)
+        k, v = torch.cat([k, extra_kv[0]], dim=-2), torch.cat([v, extra_kv[1]], dim=-2)
+    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda)
+    if use_flex:
+        masks = masks or LocalMasks()
+        block = masks.block_mask(key if extra_kv is None or key is None else (key, "pooled", k.shape[-2]),
+                                 q_coords, kv_coords, rule)
+        if q.is_cuda:
+            return masks.flex()(q, k, v, block_mask=block, scale=scale)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block, scale=scale)  # eager: forward only on the CPU
+    mask = local_mask(q_coords, kv_coords, **rule)
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,0 +1,237 @@
+"""Local attention (CLEAR, arXiv 2412.16112): each image query attends only to the image keys within a radius on
+the token grid (``dy^2 + dx^2 < r^2``, in tokens); text, class and other non-image tokens stay global both ways.
+Optionally, every image query also sees the image keys and values pooled d x d with learnable weights.
+
+    apply_local_attention(model, LocalAttentionConfig(radius=8))
+    ...                                   # forwards run local attention in the blocks' attention branches
+    remove_local_attention(model)
+
+Where the image tokens sit, and their grid, come from the token layout read from the model's graph at each
+block (a tap, ``Boundaries.tokens_at``), so joint attention ([text, image] or [image, text]) and routed
+sequences (after TREAD routing, each kept token keeps its grid place) need nothing declared. The attention is
+replaced where the model computes it: the attention branch's call of ``scaled_dot_product_attention`` (diffusers'
+processors, their ``dispatch_attention_fn`` native backend, timm's ``Attention``, the project's models) runs
+locally instead. An attention branch that computes attention otherwise is refused with the way to make it call
+``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..core.blocks import block_branches
+from ..core.locality import LocalMasks, local_attention, pool_grid
+from ..core.patches import Patch, PatchRegistry, remove_patch
+from ..core.plan import Tap
+from ..core.route import RouteError
+from ..core.splice.tracer import tracing
+from ..core.stack import BlockStack
+
+NAME = "local_attention"
+
+
+@dataclass(kw_only=True)
+class LocalAttentionConfig:
+    """radius: in tokens, a pair attends iff dy^2 + dx^2 < radius^2 (>= 1); tile and radius_tiles: the
+    tile-aligned variant instead (square windows of tiles, no kernel block partly masked); pooled: d, to add the
+    image keys and values pooled d x d (learnable weights, initialised to 1/d^2) for image queries; blocks:
+    positions in the stack to apply it to (default: every block with a known attention branch); grid: (H, W) or
+    (F, H, W) of the image tokens where the graph does not show it (Flux packs its latents with a linear layer),
+    checked against the graph where it does; backend: "auto"
+    (FlexAttention on CUDA, SDPA with the dense mask elsewhere), "flex" or "sdpa"."""
+
+    radius: float | None = 8.0
+    tile: tuple[int, int] | None = None
+    radius_tiles: int | None = None
+    pooled: int | None = None
+    blocks: list[int] | None = None
+    grid: tuple[int, ...] | None = None  # the image tokens' grid, where the graph cannot show it (packed latents)
+    backend: str = "auto"
+    stack: str | list[str] | None = None  # the block container(s) when the stack is not found automatically
+
+    def check(self) -> None:
+        if self.tile is None and (self.radius is None or self.radius < 1):
+            raise RouteError(f"LocalAttentionConfig.radius={self.radius}: a radius below 1 token lets an image query "
+                             "see no image key; give radius >= 1 (CLEAR uses 8, 16, 32)")
+        if self.tile is not None and (self.radius_tiles is None or self.radius_tiles < 0):
+            raise RouteError("LocalAttentionConfig.tile needs radius_tiles >= 0 (how many tiles each way a query sees)")
+        if self.pooled is not None and self.pooled < 2:
+            raise RouteError(f"LocalAttentionConfig.pooled={self.pooled}: pooling needs a window of d >= 2 tokens")
+        if self.backend not in ("auto", "flex", "sdpa"):
+            raise RouteError(f"LocalAttentionConfig.backend={self.backend!r} is not one of 'auto', 'flex', 'sdpa'")
+
+
+class _Interception(TorchFunctionMode):
+    """While an attention branch runs: its ``scaled_dot_product_attention`` call runs ``local`` instead."""
+
+    def __init__(self, local: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.local, self.calls = local, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+            return self.local(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class LocalAttentionPatch(Patch):
+    """Taps the chosen blocks (their stream layout) and runs their attention branch under an interception of
+    ``scaled_dot_product_attention``."""
+
+    name = NAME
+    order = 40
+    title = "local attention"
+
+    def __init__(self, config: LocalAttentionConfig, stack: BlockStack):
+        super().__init__()
+        config.check()
+        self.config = config
+        chosen = list(range(len(stack.blocks))) if config.blocks is None else list(config.blocks)
+        self.branches: dict[int, str] = {}
+        for position in chosen:
+            if not 0 <= position < len(stack.blocks):
+                raise RouteError(f"LocalAttentionConfig.blocks names block {position}; the stack has "
+                                 f"{len(stack.blocks)} ({stack.paths[0]} .. {stack.paths[-1]})")
+            attention = [b for b in block_branches(stack.blocks[position], stack.specs[position]) if b.kind == "attention"]
+            if attention:
+                self.branches[position] = attention[0].path
+            elif config.blocks is not None:
+                raise RouteError(
+                    f"block {stack.paths[position]} ({type(stack.blocks[position]).__name__}) has no known attention "
+                    "branch; register its class with tokenroute.register_block(cls, tokenroute.BlockSpec(stream, "
+                    "branches=(tokenroute.Branch('attention', path), ...)))")
+        if not self.branches:
+            raise RouteError(f"no block of {type(stack.owner).__name__}'s stack has a known attention branch; register "
+                             "the block class with its branches (tokenroute.register_block)")
+        self.taps = [Tap(p, NAME) for p in self.branches]
+        self.masks = LocalMasks()
+        if config.pooled:
+            d = config.pooled
+            self.modules = {"local_attention_pool": nn.ParameterDict(
+                {str(p): nn.Parameter(torch.full((d * d,), 1.0 / (d * d))) for p in self.branches})}
+        self.installed: list[tuple[nn.Module, Any]] = []
+
+    def attach(self, stack: BlockStack) -> None:
+        for position, path in self.branches.items():
+            module = stack.blocks[position].get_submodule(path)
+            self.installed.append((module, module.__dict__.get("forward")))
+            original = module.forward
+
+            def forward(*args: Any, _p: int = position, _original: Any = original, **kwargs: Any) -> Any:
+                return self._attend(_p, _original, args, kwargs)
+
+            module.forward = forward
+
+    def detach(self, stack: BlockStack) -> None:
+        for module, previous in reversed(self.installed):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self.installed.clear()
+
+    def _attend(self, position: int, original: Any, args: tuple, kwargs: dict) -> Any:
+        if tracing():  # the trace runs the blocks on fake values: shapes only
+            return original(*args, **kwargs)
+        splice = self.registry.splice
+        tokens = splice.boundaries.tokens_at(position) if splice is not None else None
+        path = self.registry.stack.paths[position]
+        if tokens is None:
+            raise RouteError(
+                f"local attention at {path}: where its stream's image tokens sit is not known (the owner's forward "
+                "could not be traced, so its graph cannot show them). Make the forward traceable, or keep local "
+                "attention off this model")
+        grid = tokens.layout.grid or self.config.grid
+        if grid is None:
+            raise RouteError(
+                f"local attention at {path}: the image tokens' grid is not known: the graph shows no patch "
+                f"embedding that makes it ({tokens.layout.image} image tokens). Declare it: "
+                "LocalAttentionConfig(grid=(H, W))")
+        if self.config.grid is not None and (tuple(self.config.grid) != tuple(grid) or
+                                             math.prod(grid) != tokens.layout.image):
+            raise RouteError(
+                f"LocalAttentionConfig.grid={tuple(self.config.grid)} does not match {path}'s stream: "
+                f"{tokens.layout.image} image tokens"
+                + (f", grid {tuple(tokens.layout.grid)} read from the graph" if tokens.layout.grid else ""))
+        interception = _Interception(lambda *a, **kw: self._local(position, tokens, grid, *a, **kw))
+        with interception:
+            out = original(*args, **kwargs)
+        if interception.calls == 0:
+            raise RouteError(
+                f"local attention at {path}.{self.branches[position]}: the attention branch never called "
+                "torch.nn.functional.scaled_dot_product_attention, so there is nothing to make local. Set its "
+                "attention backend to the native one (diffusers: model.set_attention_backend('native')), or "
+                "register a block whose attention submodule calls scaled_dot_product_attention")
+        return out
+
+    def _local(self, position: int, tokens: Any, grid: tuple[int, ...], query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        """scaled_dot_product_attention's call (its parameter names), made local."""
+        q, k, v = query, key, value
+        if attn_mask is not None or is_causal or dropout_p or enable_gqa or q.shape[-2] != k.shape[-2]:
+            raise RouteError(
+                f"local attention at {self.registry.stack.paths[position]}: its attention passes "
+                f"{'a mask' if attn_mask is not None else 'causal, dropout or grouped-query options, or keys of another length'}"
+                ", which local attention does not combine yet; keep local attention off these blocks")
+        layout = tokens.layout
+        index = tokens.grid_index(q.shape[-2], device=q.device)
+        coords = _coords(index, grid)
+        cache_key = None
+        if coords.shape[0] == 1:  # one sequence's layout, shared by the batch: its block mask is cached
+            coords = coords[0]
+            cache_key = (tuple(grid), q.shape[-2], layout.lead, layout.joint, str(q.device))
+        extra = None
+        if self.config.pooled:
+            if tokens.index is not None:
+                raise RouteError("pooled keys and values need the whole grid; they do not run inside a route that "
+                                 "keeps a subset of the tokens (end the route before these blocks, or pooled=None)")
+            weights = self.modules["local_attention_pool"][str(position)]
+            lead = int((index[0] >= 0).nonzero()[0])  # the image tokens are contiguous in the whole sequence
+            trail = q.shape[-2] - lead - layout.image
+            extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights),
+                     pool_grid(v, grid, lead, trail, self.config.pooled, weights))
+        return local_attention(q, k, v, coords, coords, radius=self.config.radius if self.config.tile is None else None,
+                               tile=self.config.tile, radius_tiles=self.config.radius_tiles, extra_kv=extra,
+                               masks=self.masks, key=cache_key, scale=scale, backend=self.config.backend)
+
+    def describe(self, stack: BlockStack) -> list[str]:
+        c = self.config
+        rule = f"radius {c.radius:g} tokens" if c.tile is None else f"tiles {c.tile[0]}x{c.tile[1]}, {c.radius_tiles} each way"
+        pooled = f", pooled {c.pooled}x{c.pooled} keys and values" if c.pooled else ""
+        return [f"  local attention: {rule}{pooled}, backend {c.backend}, in {len(self.branches)} blocks' "
+                f"attention ({', '.join(stack.paths[p] + '.' + b for p, b in list(self.branches.items())[:3])}"
+                f"{', ...' if len(self.branches) > 3 else ''})"]
+
+
+def _coords(index: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, L) grid places (-1: global) -> (B, L, len(grid)) coordinates, -1 throughout for global tokens."""
+    out, rest = [], index.clamp_min(0)
+    for size in reversed(grid):
+        out.append(rest % size)
+        rest = rest // size
+    coords = torch.stack(out[::-1], dim=-1)
+    return torch.where(index[..., None] < 0, torch.full_like(coords, -1), coords)
+
+
+def apply_local_attention(model: nn.Module, config: LocalAttentionConfig | None = None) -> nn.Module:
+    """Local attention in the attention branches of ``model``'s block stack; returns the model."""
+    config = config or LocalAttentionConfig()
+    registry = PatchRegistry.for_model(model, config.stack)
+    registry.apply(LocalAttentionPatch(config, registry.stack))
+    return model
+
+
+def remove_local_attention(model: nn.Module) -> nn.Module:
+    """Take local attention off ``model``; other methods stay."""
+    remove_patch(model, NAME)
+    return model
