@@ -10,6 +10,7 @@ import torch
 
 import tokenroute
 from tokenroute import RouteError
+from tokenroute.core.splice.tracer import tracing
 from tokenroute.methods.local_attention import LocalAttentionConfig, apply_local_attention, remove_local_attention
 
 from helpers import backbone_inputs, make_backbone
@@ -145,3 +146,53 @@ def test_joint_attention_with_a_declared_grid():
     wrong = apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=2.0, grid=(2, 4), backend="sdpa"))
     with pytest.raises(RouteError, match="does not match"):
         wrong(**inputs)
+
+
+def test_inside_a_route_the_kept_tokens_grid_places_decide_locality():
+    """Training with a TREAD route over the first block: perturb one kept image token's attention input; exactly
+    the kept tokens whose grid places lie within the radius of its place change their attention output."""
+    model = tokenroute.wrap(copy.deepcopy(MODELS["dit"]), routes=[(0, 1, 0.5)], seed=5)
+    apply_local_attention(model, LocalAttentionConfig(radius=2.5, backend="sdpa"))
+    stack = tokenroute.core.find_stack(model)
+    places, outputs = [], []
+
+    def perturb(module, args):
+        if len(outputs) == 1:
+            x = args[0].clone()
+            x[:, 7] += 1.0
+            return (x, *args[1:])
+
+    attention = stack.blocks[0].attn
+    attention.register_forward_pre_hook(perturb)
+    attention.register_forward_hook(lambda m, a, out: outputs.append(out))
+    boundaries = tokenroute.core.patches.registry_of(model).splice.boundaries
+    stack.blocks[0].register_forward_pre_hook(
+        lambda m, a: None if tracing() else places.append(boundaries.tokens_at(0).grid_index()))
+    x, t, y = backbone_inputs(1, size=SIZE)
+    with torch.no_grad():
+        model.train()(x, t, y)  # the first forward makes the route's generator
+    outputs.clear()
+    draws = tokenroute.routing_state_dict(model)
+    with torch.no_grad():
+        for _ in range(2):
+            tokenroute.load_routing_state_dict(model, draws)  # the same draw both times
+            model.train()(x, t, y)
+    assert torch.equal(places[-1], places[-2])
+    index = places[-1][0]
+    side = SIZE // 2
+    rows, cols = index // side, index % side
+    near = (rows - rows[7]) ** 2 + (cols - cols[7]) ** 2 < 2.5 ** 2
+    changed = ((outputs[-1] - outputs[-2]).abs().amax(-1) > 0)[0]
+    assert index.numel() < side * side and torch.equal(changed, near)
+
+
+def test_pooled_keys_and_values_train_and_are_explained():
+    model = local("dit", radius=1.5, pooled=2)
+    pools = dict(model.local_attention_pool.named_parameters())
+    assert len(pools) == 3 and all(torch.equal(p, torch.full((4,), 0.25)) for p in pools.values())
+    x, t, y = backbone_inputs(2, size=SIZE)
+    model.train()(x, t, y).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pools.values())
+    assert "pooled 2x2 keys and values" in tokenroute.explain(model)
+    remove_local_attention(model)
+    assert not hasattr(model, "local_attention_pool")
