@@ -196,3 +196,31 @@ def test_pooled_keys_and_values_train_and_are_explained():
     assert "pooled 2x2 keys and values" in tokenroute.explain(model)
     remove_local_attention(model)
     assert not hasattr(model, "local_attention_pool")
+
+
+def test_distillation_trains_the_projections_only_and_lowers_its_loss():
+    """The teacher is the same model with local attention off; only the attention projections and the pooling
+    weights move, and the student's loss against the teacher falls."""
+    from tokenroute.methods.local_attention import DistillationConfig, distillation_loss, distillation_parameters
+
+    model = local("dit", radius=1.5, pooled=2).train()
+    trained = distillation_parameters(model)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in trained)}
+    assert names and all(".attn." in n or "local_attention_pool" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(trained, lr=3e-3)
+    x, t, y = backbone_inputs(4, size=SIZE, seed=1)
+    target = torch.randn_like(x)
+    loss, parts = distillation_loss(model, lambda m: m(x, t, y), lambda p: (p - target).square().mean())
+    assert loss.item() == pytest.approx(0.5 * parts["prediction"] + 0.5 * parts["attention"] + parts["objective"],
+                                        rel=1e-5)
+    history = []
+    for _ in range(40):
+        loss, parts = distillation_loss(model, lambda m: m(x, t, y), config=DistillationConfig(attention_every=2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(parts["prediction"] + parts["attention"])
+    assert sum(history[-5:]) < 0.5 * sum(history[:5])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in names), name

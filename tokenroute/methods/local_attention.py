@@ -17,9 +17,10 @@ locally instead. An attention branch that computes attention otherwise is refuse
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.blocks import block_branches
 from ..core.locality import LocalMasks, local_attention, pool_grid
-from ..core.patches import Patch, PatchRegistry, remove_patch
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.plan import Tap
 from ..core.route import RouteError
 from ..core.splice.tracer import tracing
@@ -119,6 +120,7 @@ class LocalAttentionPatch(Patch):
             self.modules = {"local_attention_pool": nn.ParameterDict(
                 {str(p): nn.Parameter(torch.full((d * d,), 1.0 / (d * d))) for p in self.branches})}
         self.installed: list[tuple[nn.Module, Any]] = []
+        self.enabled = True  # off: the blocks attend densely (the distillation teacher: the same weights)
 
     def attach(self, stack: BlockStack) -> None:
         for position, path in self.branches.items():
@@ -140,7 +142,7 @@ class LocalAttentionPatch(Patch):
         self.installed.clear()
 
     def _attend(self, position: int, original: Any, args: tuple, kwargs: dict) -> Any:
-        if tracing():  # the trace runs the blocks on fake values: shapes only
+        if tracing() or not self.enabled:  # the trace runs the blocks on fake values: shapes only
             return original(*args, **kwargs)
         splice = self.registry.splice
         tokens = splice.boundaries.tokens_at(position) if splice is not None else None
@@ -221,6 +223,78 @@ def _coords(index: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         rest = rest // size
     coords = torch.stack(out[::-1], dim=-1)
     return torch.where(index[..., None] < 0, torch.full_like(coords, -1), coords)
+
+
+@contextlib.contextmanager
+def local_attention_off(model: nn.Module) -> Iterator[None]:
+    """Dense attention inside the block (the teacher of distillation: the same weights, no second copy)."""
+    patch = registry_of(model).get(NAME)
+    patch.enabled = False
+    try:
+        yield
+    finally:
+        patch.enabled = True
+
+
+def distillation_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What CLEAR's distillation trains: the image stream's query, key, value and output projections of every
+    attention branch made local (its linear layers, less the text stream's ``add_*`` ones of joint attention),
+    and the pooling weights."""
+    patch = registry_of(model).get(NAME)
+    stack = patch.registry.stack
+    found: list[nn.Parameter] = []
+    for position, path in patch.branches.items():
+        branch = stack.blocks[position].get_submodule(path)
+        for name, module in branch.named_modules():
+            if isinstance(module, nn.Linear) and "add" not in name:
+                found += list(module.parameters())
+    if "local_attention_pool" in patch.modules:
+        found += list(patch.modules["local_attention_pool"].parameters())
+    return found
+
+
+@dataclass(kw_only=True)
+class DistillationConfig:
+    """CLEAR's weights: the model's objective + ``prediction`` x MSE(student, teacher prediction) + ``attention`` x
+    MSE of the attention outputs, on every ``attention_every``-th local block."""
+
+    prediction: float = 0.5
+    attention: float = 0.5
+    attention_every: int = 4
+
+
+def distillation_loss(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
+                      objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      config: DistillationConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One distillation loss: ``forward(model)`` runs the model on a batch (its prediction), once as the teacher
+    (local attention off, no gradients) and once as the student; ``objective(prediction)`` is the model's own
+    loss on the batch (None: distillation alone). Returns the loss and its parts."""
+    config = config or DistillationConfig()
+    patch = registry_of(model).get(NAME)
+    stack = patch.registry.stack
+    watched = list(patch.branches.items())[config.attention_every - 1:: config.attention_every] or \
+        list(patch.branches.items())[-1:]
+    outputs: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    role = ["teacher"]
+    handles = [stack.blocks[p].get_submodule(path).register_forward_hook(
+        lambda m, a, out: None if tracing() else outputs[role[0]].append(out if isinstance(out, torch.Tensor) else out[0]))
+        for p, path in watched]
+    try:
+        with torch.no_grad(), local_attention_off(model):
+            teacher = forward(model)
+        role[0] = "student"
+        student = forward(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = {"prediction": F.mse_loss(student.float(), teacher.float())}
+    parts["attention"] = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in
+                                      zip(outputs["student"], outputs["teacher"])]).mean()
+    loss = config.prediction * parts["prediction"] + config.attention * parts["attention"]
+    if objective is not None:
+        parts["objective"] = objective(student)
+        loss = loss + parts["objective"]
+    return loss, {name: float(value.detach()) for name, value in parts.items()}
 
 
 def apply_local_attention(model: nn.Module, config: LocalAttentionConfig | None = None) -> nn.Module:
