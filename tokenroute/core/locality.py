@@ -73,6 +73,22 @@ def tile_order(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[torch.Tens
     return order, torch.argsort(order)
 
 
+def tile_sorted(coords: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """The order that puts a sequence's global tokens first, then its grid tokens tile by tile (each tile
+    row-major; frames first), from the coordinates (L, n): the permutation ``tile_order`` gives for a bare grid."""
+    image = coords[:, 0] >= 0
+    c = coords.clamp_min(0)
+    spans = [int(c[:, i].max()) + 1 for i in range(c.shape[1])]
+    th, tw = tile
+    tiles_w = -(-spans[-1] // tw)
+    tiles_h = -(-spans[-2] // th)
+    rank = ((c[:, -2] // th) * tiles_w + c[:, -1] // tw) * (th * tw) + (c[:, -2] % th) * tw + c[:, -1] % tw
+    if c.shape[1] == 3:
+        rank = rank + c[:, 0] * tiles_h * tiles_w * th * tw
+    rank = torch.where(image, rank + 1, torch.zeros_like(rank))
+    return torch.sort(rank, stable=True).indices
+
+
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: int,
               weights: torch.Tensor) -> torch.Tensor:
     """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens:
@@ -153,7 +169,15 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         kv_coords = torch.cat([kv_coords, pooled], dim=-2)
         k, v = torch.cat([k, extra_kv[0]], dim=-2), torch.cat([v, extra_kv[1]], dim=-2)
     use_flex = backend == "flex" or (backend == "auto" and q.is_cuda)
-    if use_flex:
+    if use_flex and tile is not None and q_coords.dim() == 2 and extra_kv is None:
+        # ordered tile by tile, each kernel block of one tile's size is wholly in or out of every window
+        order = tile_sorted(q_coords, tile)
+        inverse = torch.argsort(order)
+        out = local_attention(q[:, :, order], k[:, :, order], v[:, :, order], q_coords[order], kv_coords[order],
+                              tile=tile, radius_tiles=radius_tiles, masks=masks,
+                              key=None if key is None else (key, "tile order"), scale=scale, backend="flex_ordered")
+        return out[:, :, inverse]
+    if use_flex or backend == "flex_ordered":
         masks = masks or LocalMasks()
         block = masks.block_mask(key if extra_kv is None or key is None else (key, "pooled", k.shape[-2]),
                                  q_coords, kv_coords, rule)
