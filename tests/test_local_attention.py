@@ -224,3 +224,20 @@ def test_distillation_trains_the_projections_only_and_lowers_its_loss():
     assert sum(history[-5:]) < 0.5 * sum(history[:5])
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in names), name
+
+
+@pytest.mark.parametrize("case", ["dit", "pixart", "sd3"])
+def test_diffusers_attention_processors_run_locally(case):
+    """diffusers' DiT and PixArt (AttnProcessor2_0, with PixArt's cross-attention left dense) and SD3's joint
+    attention over [image, text]: a radius that covers the grid is the model's own attention, a radius of 1 is
+    not; the grid comes from the graph."""
+    from family import cases_core, cases_g1
+
+    plain, inputs = {"dit": cases_core.dit, "pixart": cases_g1.pixart, "sd3": cases_g1.sd3}[case]()
+    plain.eval()
+    with torch.no_grad():
+        reference = plain(**inputs).sample
+        outputs = {r: apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=r, backend="sdpa"))(
+            **inputs).sample for r in (100.0, 1.0)}
+    torch.testing.assert_close(outputs[100.0], reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[1.0], reference, atol=1e-4)
