@@ -264,3 +264,17 @@ def test_caching_benchmark_smoke(fid, data_dir, tmp_path, monkeypatch):
     assert all(math.isfinite(r["fid"]) for r in run.values())
     assert json.loads(out.read_text())["model"]["preset"] == "tiny" and is_png(out.with_suffix(".png"))
     assert (tmp_path / "cache" / "pretrained").is_dir()
+
+
+def test_local_attention_benchmark_smoke(tmp_path):
+    """benchmarks/local_attention.py on the CPU: every variant timed for the attention and the model, the JSON and
+    the plot."""
+    import local_attention
+
+    out = tmp_path / "local_attention.json"
+    payload = local_attention.main(["--smoke", "--cpu", "--out", str(out)])
+    assert set(payload["runs"]) == {"64", "256"}
+    for run in payload["runs"].values():
+        assert set(run["attention"]) == set(run["model"]) and len(run["attention"]) == 3
+        assert all(row["ms"] > 0 and row["speedup"] > 0 for part in run.values() for row in part.values())
+    assert is_png(out.with_suffix(".png"))

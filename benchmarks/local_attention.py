@@ -1,0 +1,169 @@
+"""Local attention's speed (CLEAR): dense attention (SDPA, flash on the GPU) against circular windows and
+tile-aligned windows (FlexAttention), for the attention alone and for a whole DiT-XL-sized forward, at 4K, 16K and
+64K image tokens, with each mask's block sparsity.
+
+Attention alone: DiT-XL's 16 heads of 72 channels, batch 1, bf16, forward. Whole model: the project's DiT at
+DiT-XL's width 1152, depth 28 and 16 heads, patch 2, on latents of the size that gives the token count, batch 1,
+bf16, forward. Variants interleaved after warm-up, CUDA events, medians. Writes results/local_attention.json and
+results/local_attention.png.
+
+    python benchmarks/local_attention.py                 # on the GPU
+    python benchmarks/local_attention.py --smoke --cpu   # seconds on the CPU: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tokenroute.core.locality import LocalMasks, block_sparsity, local_attention
+from tokenroute.methods.local_attention import LocalAttentionConfig, apply_local_attention
+from tokenroute.models.dit import DiT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Timer, bench_device, environment, median, write_json  # noqa: E402
+
+
+def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Dense, circular radius r, and tile windows (t x t tiles, k each way) of a comparable number of keys."""
+    out: dict[str, dict[str, Any]] = {"dense": {}}
+    for r in args.radius:
+        out[f"circular r={r:g}"] = dict(radius=r)
+    for k in args.radius_tiles:
+        out[f"tiles {args.tile}x{args.tile}, {k} each way"] = dict(tile=(args.tile, args.tile), radius_tiles=k)
+    return out
+
+
+def grid_coords(side: int, device: torch.device) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    return torch.stack([ys, xs], -1).reshape(-1, 2)
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], device: torch.device, repeats: int, n: int) -> dict[str, float]:
+    timer = Timer(device)
+    for call in calls.values():  # warm-up: compiles, builds block masks
+        call()
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timer(call, n))
+    return {name: median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    side = int(math.isqrt(tokens))
+    q, k, v = (torch.randn(1, args.heads, side * side, args.head_dim, device=device, dtype=dtype) for _ in range(3))
+    coords = grid_coords(side, device)
+    masks = LocalMasks()
+    calls, sparsity = {}, {}
+    for name, rule in variants(args).items():
+        if not rule:
+            calls[name] = lambda: F.scaled_dot_product_attention(q, k, v)
+            sparsity[name] = 0.0
+            continue
+        calls[name] = lambda rule=rule, name=name: local_attention(q, k, v, coords, coords, masks=masks, key=name,
+                                                                   backend=args.backend, **rule)
+        calls[name]()
+        ordered = (name, "tile order") if "tile" in rule else name
+        sparsity[name] = block_sparsity(masks.blocks[ordered]) if ordered in masks.blocks else None
+    ms = time_interleaved(calls, device, args.repeats, args.n)
+    return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name]}
+            for name in calls}
+
+
+@torch.no_grad()
+def whole_model(tokens: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    side = int(math.isqrt(tokens)) * args.patch
+    models = {}
+    for name, rule in variants(args).items():
+        torch.manual_seed(0)
+        model = DiT(input_size=side, patch_size=args.patch, in_channels=4, hidden_size=args.width, depth=args.depth,
+                    num_heads=args.heads).to(device).eval()
+        if rule:
+            apply_local_attention(model, LocalAttentionConfig(backend=args.backend, **({"radius": None} | rule)))
+        models[name] = model
+    x = torch.randn(1, 4, side, side, device=device)
+    t, y = torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device)
+
+    def forward(model: torch.nn.Module) -> Callable[[], Any]:
+        def call() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                model(x, t, y)
+        return call
+
+    ms = time_interleaved({name: forward(m) for name, m in models.items()}, device, args.repeats, 1)
+    return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name]} for name in models}
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, part in zip(axes, ("attention", "model")):
+        rows = payload["runs"]
+        names = list(next(iter(rows.values()))[part])
+        for name in names:
+            ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("image tokens")
+        ax.set_ylabel("speed-up over dense attention (x)")
+        ax.set_title("attention alone" if part == "attention" else "whole DiT-XL-sized forward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Local attention, {payload['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--radius", type=float, nargs="*", default=[16.0])
+    parser.add_argument("--tile", type=int, default=8)
+    parser.add_argument("--radius-tiles", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=72)
+    parser.add_argument("--width", type=int, default=1152)
+    parser.add_argument("--depth", type=int, default=28)
+    parser.add_argument("--patch", type=int, default=2)
+    parser.add_argument("--backend", default="auto", choices=("auto", "flex", "sdpa"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n", type=int, default=10, help="attention calls per timing")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "local_attention.json")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.radius, args.tile, args.radius_tiles = [64, 256], [3.0], 4, [1]
+        args.heads, args.head_dim, args.width, args.depth, args.repeats, args.n = 2, 8, 32, 2, 1, 1
+    device = bench_device(cpu=args.cpu)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    payload: dict[str, Any] = {"environment": environment(), "config": vars(args) | {"out": str(args.out)}, "runs": {}}
+    for tokens in args.tokens:
+        run = {"attention": attention_alone(tokens, args, device, dtype)}
+        if not args.skip_model:
+            run["model"] = whole_model(tokens, args, device, dtype)
+        payload["runs"][str(tokens)] = run
+        for part, rows in run.items():
+            for name, row in rows.items():
+                print(f"{tokens:>6} tokens  {part:<9} {name:<28} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x", flush=True)
+        write_json(args.out, payload)  # what is measured so far survives a time limit
+    if not args.skip_model:
+        plot(payload, args.out.with_suffix(".png"))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
