@@ -241,3 +241,18 @@ def test_diffusers_attention_processors_run_locally(case):
             **inputs).sample for r in (100.0, 1.0)}
     torch.testing.assert_close(outputs[100.0], reference, rtol=0, atol=1e-5)
     assert not torch.allclose(outputs[1.0], reference, atol=1e-4)
+
+
+def test_video_windows_run_through_the_frames():
+    """Wan's frames x 2D grid (read from its 3D patch embedding): a radius that covers each frame is Wan's own
+    attention (the window runs through every frame); frame_radius=0 keeps each frame to itself."""
+    from family.cases_g5 import wan
+
+    plain, inputs = wan()
+    plain.eval()
+    with torch.no_grad():
+        reference = plain(**inputs).sample
+        outputs = {fr: apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(
+            radius=100.0, frame_radius=fr, backend="sdpa"))(**inputs).sample for fr in (None, 0)}
+    torch.testing.assert_close(outputs[None], reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[0], reference, atol=1e-4)

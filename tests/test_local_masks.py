@@ -33,15 +33,17 @@ def brute(coords: torch.Tensor, near) -> torch.Tensor:
 @settings(max_examples=25, deadline=None)
 @given(grid=st.one_of(st.tuples(st.integers(1, 6), st.integers(1, 6)),
                       st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))),
-       radius=st.floats(1.0, 6.0), lead=st.integers(0, 3), trail=st.integers(0, 2))
-def test_the_circular_mask_is_the_brute_force_rule(grid, radius, lead, trail):
+       radius=st.floats(1.0, 6.0), lead=st.integers(0, 3), trail=st.integers(0, 2),
+       frame_radius=st.sampled_from([None, 0, 1]))
+def test_the_circular_mask_is_the_brute_force_rule(grid, radius, lead, trail, frame_radius):
+    """2D grids, and frames x 2D with the window through every frame or the frames within frame_radius."""
     coords = coords_of(grid, lead, trail)
 
     def near(q, k):
-        same = len(q) == 2 or q[0] == k[0]
-        return same and (q[-2] - k[-2]) ** 2 + (q[-1] - k[-1]) ** 2 < radius ** 2
+        frames = len(q) == 2 or frame_radius is None or abs(q[0] - k[0]) <= frame_radius
+        return frames and (q[-2] - k[-2]) ** 2 + (q[-1] - k[-1]) ** 2 < radius ** 2
 
-    assert torch.equal(local_mask(coords, coords, radius=radius), brute(coords, near))
+    assert torch.equal(local_mask(coords, coords, radius=radius, frame_radius=frame_radius), brute(coords, near))
 
 
 @settings(max_examples=15, deadline=None)

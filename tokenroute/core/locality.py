@@ -1,6 +1,7 @@
 """Local attention's masks and kernels: which query may see which key, from each token's place on the grid.
 
-Each token of an attention sequence has coordinates on the image grid ((row, col), or (frame, row, col)), or is
+Each token of an attention sequence has coordinates on the image grid ((row, col), or (frame, row, col): the
+window then runs through every frame, or the frames within ``frame_radius``), or is
 global (-1 throughout: text, class, register tokens) or pooled (-2 throughout: a key made by pooling the grid,
 seen by image queries only). A query sees a key iff either is global, or the key is pooled and the query an image
 token, or they are near: ``dy^2 + dx^2 < r^2`` (same frame), or, tile-aligned, their tiles are at most
@@ -25,9 +26,12 @@ GLOBAL, POOLED = -1, -2
 
 
 def _near(qc: torch.Tensor, kc: torch.Tensor, radius: float | None, tile: tuple[int, int] | None,
-          radius_tiles: int | None) -> torch.Tensor:
-    """Whether image query coordinates ``qc`` and key coordinates ``kc`` (broadcast against each other) are near."""
-    same_frame = (qc[..., 0] == kc[..., 0]) if qc.shape[-1] == 3 else True
+          radius_tiles: int | None, frame_radius: int | None = None) -> torch.Tensor:
+    """Whether image query coordinates ``qc`` and key coordinates ``kc`` (broadcast against each other) are near:
+    on the 2D grid, in every frame (a tube through the video) or in the frames within ``frame_radius``."""
+    same_frame = True
+    if qc.shape[-1] == 3 and frame_radius is not None:
+        same_frame = (qc[..., 0] - kc[..., 0]).abs() <= frame_radius
     dy, dx = qc[..., -2] - kc[..., -2], qc[..., -1] - kc[..., -1]
     if tile is None:
         return same_frame & (dy * dy + dx * dx < radius * radius)
@@ -52,7 +56,8 @@ def check_rule(radius: float | None, tile: tuple[int, int] | None, radius_tiles:
 
 
 def local_mask(q_coords: torch.Tensor, kv_coords: torch.Tensor, *, radius: float | None = None,
-               tile: tuple[int, int] | None = None, radius_tiles: int | None = None) -> torch.Tensor:
+               tile: tuple[int, int] | None = None, radius_tiles: int | None = None,
+               frame_radius: int | None = None) -> torch.Tensor:
     """Dense boolean mask (..., Lq, Lkv), True where the query may see the key. Coordinates (L, n) or (B, L, n)."""
     check_rule(radius, tile, radius_tiles)
     if q_coords.shape[-1] not in (2, 3) or kv_coords.shape[-1] != q_coords.shape[-1]:
@@ -60,7 +65,7 @@ def local_mask(q_coords: torch.Tensor, kv_coords: torch.Tensor, *, radius: float
                          "or (L, 3) per sequence (row, col or frame, row, col; -1 for global tokens)")
     qc, kc = q_coords[..., :, None, :], kv_coords[..., None, :, :]
     q_image, k_kind = qc[..., 0] >= 0, kc[..., 0]
-    return _allowed(q_image, k_kind, lambda: _near(qc, kc, radius, tile, radius_tiles))
+    return _allowed(q_image, k_kind, lambda: _near(qc, kc, radius, tile, radius_tiles, frame_radius))
 
 
 def tile_order(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,14 +160,15 @@ def block_sparsity(block_mask: Any) -> float:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords: torch.Tensor,
                     kv_coords: torch.Tensor, *, radius: float | None = None, tile: tuple[int, int] | None = None,
-                    radius_tiles: int | None = None, extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    radius_tiles: int | None = None, frame_radius: int | None = None,
+                    extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                     masks: LocalMasks | None = None, key: Hashable | None = None, scale: float | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Attention (B, H, L, D) -> (B, H, L, D) with the local rule; ``extra_kv`` (pooled keys and values, (B, H, P,
     D)) appended to the keys, seen by image queries only. backend: "auto" (FlexAttention on CUDA, else SDPA with
     the dense mask), "flex" or "sdpa"."""
     check_rule(radius, tile, radius_tiles)
-    rule = dict(radius=radius, tile=tile, radius_tiles=radius_tiles)
+    rule = dict(radius=radius, tile=tile, radius_tiles=radius_tiles, frame_radius=frame_radius)
     if extra_kv is not None:
         pooled = torch.full((*kv_coords.shape[:-2], extra_kv[0].shape[-2], kv_coords.shape[-1]), POOLED,
                             dtype=kv_coords.dtype, device=kv_coords.device)
@@ -174,7 +180,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         order = tile_sorted(q_coords, tile)
         inverse = torch.argsort(order)
         out = local_attention(q[:, :, order], k[:, :, order], v[:, :, order], q_coords[order], kv_coords[order],
-                              tile=tile, radius_tiles=radius_tiles, masks=masks,
+                              tile=tile, radius_tiles=radius_tiles, frame_radius=frame_radius, masks=masks,
                               key=None if key is None else (key, "tile order"), scale=scale, backend="flex_ordered")
         return out[:, :, inverse]
     if use_flex or backend == "flex_ordered":

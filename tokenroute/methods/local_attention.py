@@ -54,6 +54,7 @@ class LocalAttentionConfig:
     pooled: int | None = None
     blocks: list[int] | None = None
     grid: tuple[int, ...] | None = None  # the image tokens' grid, where the graph cannot show it (packed latents)
+    frame_radius: int | None = None  # video: the frames a window spans each way (None: every frame)
     backend: str = "auto"
     stack: str | list[str] | None = None  # the block container(s) when the stack is not found automatically
 
@@ -65,6 +66,8 @@ class LocalAttentionConfig:
             raise RouteError("LocalAttentionConfig.tile needs radius_tiles >= 0 (how many tiles each way a query sees)")
         if self.pooled is not None and self.pooled < 2:
             raise RouteError(f"LocalAttentionConfig.pooled={self.pooled}: pooling needs a window of d >= 2 tokens")
+        if self.frame_radius is not None and self.frame_radius < 0:
+            raise RouteError(f"LocalAttentionConfig.frame_radius={self.frame_radius} must be >= 0 (None: every frame)")
         if self.backend not in ("auto", "flex", "sdpa"):
             raise RouteError(f"LocalAttentionConfig.backend={self.backend!r} is not one of 'auto', 'flex', 'sdpa'")
 
@@ -191,7 +194,7 @@ class LocalAttentionPatch(Patch):
         cache_key = None
         if coords.shape[0] == 1:  # one sequence's layout, shared by the batch: its block mask is cached
             coords = coords[0]
-            cache_key = (tuple(grid), q.shape[-2], layout.lead, layout.joint, str(q.device))
+            cache_key = (tuple(grid), q.shape[-2], layout.lead, layout.joint, str(q.device))  # one rule per patch
         extra = None
         if self.config.pooled:
             if tokens.index is not None:
@@ -203,7 +206,8 @@ class LocalAttentionPatch(Patch):
             extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights),
                      pool_grid(v, grid, lead, trail, self.config.pooled, weights))
         return local_attention(q, k, v, coords, coords, radius=self.config.radius if self.config.tile is None else None,
-                               tile=self.config.tile, radius_tiles=self.config.radius_tiles, extra_kv=extra,
+                               tile=self.config.tile, radius_tiles=self.config.radius_tiles,
+                               frame_radius=self.config.frame_radius, extra_kv=extra,
                                masks=self.masks, key=cache_key, scale=scale, backend=self.config.backend)
 
     def describe(self, stack: BlockStack) -> list[str]:
