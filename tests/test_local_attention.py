@@ -256,3 +256,20 @@ def test_video_windows_run_through_the_frames():
             radius=100.0, frame_radius=fr, backend="sdpa"))(**inputs).sample for fr in (None, 0)}
     torch.testing.assert_close(outputs[None], reference, rtol=0, atol=1e-5)
     assert not torch.allclose(outputs[0], reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["timm ViT, class and 4 register tokens", "DiT", "U-ViT"])
+def test_paper_code_runs_locally(name):
+    """The backbones as their papers' code writes them (timm's ViT with class and register tokens, which stay
+    global): a covering radius is their own attention, a radius of 1 is not."""
+    from test_paper_models import CASES
+
+    torch.manual_seed(0)
+    plain, inputs = CASES[name].build()
+    plain.eval()
+    with torch.no_grad():
+        reference = plain(**inputs)
+        outputs = {r: apply_local_attention(copy.deepcopy(plain), LocalAttentionConfig(radius=r, backend="sdpa"))(
+            **inputs) for r in (100.0, 1.0)}
+    torch.testing.assert_close(outputs[100.0], reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[1.0], reference, atol=1e-5)
