@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .layout import TokenLayout
+from .layout import StreamTokens, TokenLayout
 from .route import Route, RouteError
 from .selection import RoutingGenerator, check_protect, draw_keep
 from .tokens import gather_axes, gather_tokens, scatter_tokens, with_context
@@ -160,6 +160,11 @@ class TokenOperation:
         """What the route's blocks run on in this ``run`` ('8 of 16 tokens'), for errors; None: the stream as is."""
         return None
 
+    def inner_tokens(self, run: Any, layout: TokenLayout) -> StreamTokens:
+        """The tokens the route's blocks run on, given the full stream's ``layout``: for methods that read where
+        they sit (local attention). Default: a subset of the stream's tokens, at ``run.index`` (None: all)."""
+        return StreamTokens(layout, getattr(run, "index", None))
+
 
 class DropTokens(TokenOperation):
     """Run the route on a subset of the tokens, chosen per sample; what the others return as is ``returns``.
@@ -293,3 +298,113 @@ class MaskTokens(DropTokens):
 
     def describe(self) -> str:
         return "skipped tokens come back as the mask token"
+
+
+@dataclass
+class PoolRun:
+    """One pooled route in one forward: the stream as it entered, its pooled image grid, and the factor."""
+
+    base: torch.Tensor  # (B, L, D) the stream at the route's start
+    pooled: torch.Tensor | None  # (B, L', D) the stream with its image grid pooled; None: factor 1
+    layout: TokenLayout
+    factor: int
+
+    @property
+    def identity(self) -> bool:
+        return self.pooled is None
+
+
+class PoolTokens(TokenOperation):
+    """Token density (FlexDiT): the route's blocks run on the image grid average-pooled by ``factor()`` (chosen per
+    forward, a temporal schedule), the other tokens as they are; at the exit the dense stream is the one that
+    entered plus the change the blocks made to the pooled tokens, upsampled (nearest). A route whose blocks change
+    nothing gives back the stream exactly, whatever the factor; factor 1 runs the route on the stream as is."""
+
+    def __init__(self, factor: Callable[[], int]):
+        self.factor = factor
+
+    def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float, shared: bool) -> PoolRun:
+        factor = int(self.factor())
+        grid = layout.grid
+        if grid is None or len(grid) != 2:
+            raise RouteError(f"route {route.start}..{route.end}: pooling needs the image tokens' 2D grid, and the "
+                             f"layout has {'none' if grid is None else 'x'.join(map(str, grid))} ({layout.describe()})")
+        if factor < 1 or grid[0] % factor or grid[1] % factor:
+            raise RouteError(f"route {route.start}..{route.end}: a pooling factor of {factor} does not divide the "
+                             f"{grid[0]}x{grid[1]} grid; choose a factor that divides both sides")
+        if layout.length != stream.shape[1]:
+            raise RouteError(f"route {route.start}..{route.end}: the stream has {stream.shape[1]} tokens but its "
+                             f"layout was read for {layout.length}")
+        run = PoolRun(stream, None, layout, factor)
+        if factor > 1:
+            run.pooled = self._pool(run, stream)
+        return run
+
+    def _pool(self, run: PoolRun, t: torch.Tensor) -> torch.Tensor:
+        layout, f = run.layout, run.factor
+        (h, w), b = layout.grid, t.shape[0]
+        image = t[:, layout.image_slice].reshape(b, h // f, f, w // f, f, *t.shape[2:])
+        pooled = image.mean(dim=(2, 4)).reshape(b, (h // f) * (w // f), *t.shape[2:])
+        return torch.cat([t[:, : layout.lead], pooled, t[:, layout.lead + layout.image:]], dim=1)
+
+    def _upsample(self, run: PoolRun, t: torch.Tensor) -> torch.Tensor:
+        layout, f = run.layout, run.factor
+        (h, w), b = layout.grid, t.shape[0]
+        grid = t.reshape(b, h // f, 1, w // f, 1, *t.shape[2:])
+        return grid.expand(b, h // f, f, w // f, f, *t.shape[2:]).reshape(b, h * w, *t.shape[2:])
+
+    def enter(self, run: PoolRun, value: Any, role: str) -> Any:
+        if role == "pass" or value is None or run.identity:
+            return value
+        if value is run.base:
+            return run.pooled
+        length, batch = run.layout.length, run.base.shape[0]
+
+        def pool(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            if is_token_aligned(t, batch, length) and t.shape[0] == batch and role in ("tokens", "modulation"):
+                return self._pool(run, t)
+            if role in ("table", "auto") and (t.shape[0] >= length or (t.dim() >= 2 and length in t.shape[1:])):
+                raise RouteError(
+                    f"a tensor of shape {tuple(t.shape)} ({role}) enters a pooled route over a stream of {length} "
+                    "tokens: a per-token table or mask has no pooled counterpart yet; end the route before the "
+                    "blocks that take it")
+            return t
+
+        return tree_map(pool, value)
+
+    def exit(self, run: PoolRun, value: Any) -> Any:
+        if run.identity:
+            return value
+        layout, pooled_length = run.layout, run.pooled.shape[1]
+
+        def back(t: Any) -> Any:
+            if not (isinstance(t, torch.Tensor) and t.shape[:1] == run.base.shape[:1] and t.dim() == run.base.dim()
+                    and t.shape[1] == pooled_length and t.shape[2:] == run.base.shape[2:]):
+                return t
+            image = slice(layout.lead, layout.lead + pooled_length - layout.lead - layout.trail)
+            change = self._upsample(run, t[:, image] - run.pooled[:, image])
+            dense = run.base[:, layout.image_slice] + change
+            return torch.cat([t[:, : layout.lead], dense, t[:, image.stop:]], dim=1)
+
+        return tree_map(back, value)
+
+    def inner_tokens(self, run: PoolRun, layout: TokenLayout) -> StreamTokens:
+        """The pooled stream: the same leading and trailing tokens around the coarser grid."""
+        if run.identity:
+            return StreamTokens(layout)
+        (h, w), f = layout.grid, run.factor
+        pooled = (h // f) * (w // f)
+        return StreamTokens(TokenLayout(layout.length - layout.image + pooled, layout.lead, pooled, (h // f, w // f),
+                                        {"grid": f"pooled {f}x{f} from {h}x{w}"}, layout.joint))
+
+    def release(self, run: PoolRun) -> PoolRun:
+        return PoolRun(run.base[:0], None, run.layout, run.factor)
+
+    def reduction(self, run: PoolRun) -> str | None:
+        return None if run.identity else \
+            f"{run.pooled.shape[1]} of {run.layout.length} tokens (the grid pooled {run.factor}x{run.factor})"
+
+    def describe(self) -> str:
+        return "the image grid pooled, the blocks' change upsampled back onto the dense stream"

@@ -22,6 +22,7 @@ class Segment:
     route: Route
     operation: TokenOperation
     method: str
+    needed_in_eval: bool = False  # the operation runs in eval forwards too (token density at sampling)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Plan:
 
     @property
     def needed_in_eval(self) -> bool:
-        return bool(self.taps) or any(stage.needed_in_eval for stage in self.stages)
+        return bool(self.taps) or any(part.needed_in_eval for part in [*self.segments, *self.stages])
 
     def route_of(self) -> dict[int, int]:
         """Block position -> index of the segment containing it."""

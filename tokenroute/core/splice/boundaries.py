@@ -111,7 +111,9 @@ class Boundaries:
         layout = self.tapped.get(block, getattr(run, "layout", None))
         if layout is None:
             return None
-        return StreamTokens(layout, getattr(run, "index", None))
+        if run is None:
+            return StreamTokens(layout)
+        return self.plan.segments[i].operation.inner_tokens(run, layout)
 
     def reducing(self) -> str | None:
         """What the blocks running now run on ('8 of 16 tokens'), where a segment reduces the stream; else None.
