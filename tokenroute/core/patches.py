@@ -15,7 +15,7 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch.nn as nn
 
@@ -85,6 +85,23 @@ class Patch:
     def describe(self, stack: BlockStack) -> list[str]:
         """Lines for explain, after the stack and its segments."""
         return []
+
+
+def wrap_forward(module: nn.Module, installed: list[tuple[nn.Module, Any]], wrapper: Callable[[Any], Any]) -> None:
+    """Replace ``module``'s forward (on the instance) with ``wrapper(current forward)``; ``installed`` remembers
+    what to put back."""
+    installed.append((module, module.__dict__.get("forward")))
+    module.forward = wrapper(module.forward)
+
+
+def unwrap_forwards(installed: list[tuple[nn.Module, Any]]) -> None:
+    """Put back every forward ``wrap_forward`` replaced, last first."""
+    for module, previous in reversed(installed):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    installed.clear()
 
 
 def default_prefix_tokens(model: nn.Module, stack: BlockStack) -> int:

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from ..core.blocks import Branch, bind_arguments, block_branches
-from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch, unwrap_forwards, wrap_forward
 from ..core.route import RouteError
 from ..core.splice.branches import BranchSupplier
 from ..core.splice.tracer import tracing
@@ -52,23 +52,6 @@ class Slot:
 
     def describe(self) -> str:
         return f"{self.path}.{self.branch.path} ({self.branch.kind})" if self.branch else f"{self.path} (residual)"
-
-
-def _wrap_forward(module: nn.Module, installed: list[tuple[nn.Module, Any]], wrapper: Callable[[Any], Any]) -> None:
-    """Replace ``module``'s forward (on the instance) with ``wrapper(current forward)``; ``installed`` remembers
-    what to put back."""
-    installed.append((module, module.__dict__.get("forward")))
-    module.forward = wrapper(module.forward)
-
-
-def _unwrap_forwards(installed: list[tuple[nn.Module, Any]]) -> None:
-    """Put back every forward ``_wrap_forward`` replaced, last first."""
-    for module, previous in reversed(installed):
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
-    installed.clear()
 
 
 def _slot_module(stack: BlockStack, slot: Slot) -> nn.Module:
@@ -202,12 +185,12 @@ class CachingPatch(Patch):
                                           functools.partial(self._supply, ks))
                 if supplier.reason is None:
                     self.suppliers[position] = supplier
-                    _wrap_forward(block, self.installed,
+                    wrap_forward(block, self.installed,
                                   lambda original, p=position, ks=ks: functools.partial(self._block, p, ks, original))
         for k, slot in enumerate(self.slots):
             block, spec = stack.blocks[slot.block], stack.specs[slot.block]
             call = self._branch if slot.branch else self._residual
-            _wrap_forward(_slot_module(stack, slot), self.installed,
+            wrap_forward(_slot_module(stack, slot), self.installed,
                           lambda original: functools.partial(call, k, original, spec.stream, spec.stream_output, block))
         self.handles.append(stack.blocks[0].register_forward_pre_hook(self._advance))
         self.bridge = _DiffusersBridge.install(self, stack)
@@ -216,7 +199,7 @@ class CachingPatch(Patch):
         if self.bridge is not None:
             self.bridge.uninstall(stack)
             self.bridge = None
-        _unwrap_forwards(self.installed)
+        unwrap_forwards(self.installed)
         self.suppliers.clear()
         for handle in self.handles:
             handle.remove()
@@ -509,11 +492,11 @@ class FirstBlockCachePatch(Patch):
 
     def attach(self, stack: BlockStack) -> None:
         for position, (block, spec) in enumerate(zip(stack.blocks, stack.specs)):
-            _wrap_forward(block, self.installed, lambda original: functools.partial(
+            wrap_forward(block, self.installed, lambda original: functools.partial(
                 self._block, position, len(stack.blocks), original, spec.stream, spec.stream_output, block))
 
     def detach(self, stack: BlockStack) -> None:
-        _unwrap_forwards(self.installed)
+        unwrap_forwards(self.installed)
         self.reset_state()
 
     def _block(self, position: int, depth: int, original: Any, stream: str, stream_output: int | None,

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.blocks import block_branches
 from ..core.locality import LocalMasks, local_attention, pool_grid
-from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch, unwrap_forwards, wrap_forward
 from ..core.plan import Tap
 from ..core.route import RouteError
 from ..core.splice.tracer import tracing
@@ -127,22 +127,11 @@ class LocalAttentionPatch(Patch):
 
     def attach(self, stack: BlockStack) -> None:
         for position, path in self.branches.items():
-            module = stack.blocks[position].get_submodule(path)
-            self.installed.append((module, module.__dict__.get("forward")))
-            original = module.forward
-
-            def forward(*args: Any, _p: int = position, _original: Any = original, **kwargs: Any) -> Any:
-                return self._attend(_p, _original, args, kwargs)
-
-            module.forward = forward
+            wrap_forward(stack.blocks[position].get_submodule(path), self.installed,
+                         lambda original, p=position: lambda *args, **kwargs: self._attend(p, original, args, kwargs))
 
     def detach(self, stack: BlockStack) -> None:
-        for module, previous in reversed(self.installed):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
-        self.installed.clear()
+        unwrap_forwards(self.installed)
 
     def _attend(self, position: int, original: Any, args: tuple, kwargs: dict) -> Any:
         if tracing() or not self.enabled:  # the trace runs the blocks on fake values: shapes only
