@@ -93,33 +93,44 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", siz
         step += 1
         if step % 100 == 0:
             losses.append((step, float(loss.detach())))
-    weights_path, facts_path = paths(name) if out is None else (out / f"{name}.safetensors", out / f"{name}.json")
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in ema.state_dict().items()},
-              str(weights_path))  # bf16: the weights travel as one file of a few MB
     facts = {"name": name, "backbone": backbone, "preset": preset, "size": size,
              "config": model_config(backbone, preset) | size,
              "objective": "flow (rectified flow, velocity noise - x0), backbone time t * 1000, null label "
                           f"{null}", "steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr,
              "label_dropout": label_dropout, "seed": seed, "losses": losses, "environment": environment(),
              "command": "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])}
-    facts_path.write_text(json.dumps(facts, indent=1) + "\n")
+    return _write(name, ema.state_dict(), facts, out)
+
+
+def _write(name: str, state_dict: dict[str, torch.Tensor], facts: dict[str, Any],
+           out: Path | None = None) -> dict[str, Any]:
+    """Cache a model's weights (bf16: they travel as one file of a few MB) and the facts of the run beside them
+    (``out``: a folder to write them to instead of the cache)."""
+    from safetensors.torch import save_file
+
+    weights_path, facts_path = paths(name) if out is None else (out / f"{name}.safetensors", out / f"{name}.json")
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in state_dict.items()}, str(weights_path))
+    facts_path.write_text(json.dumps(facts, indent=1, default=str) + "\n")
     return facts
+
+
+def _read(name: str, command: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A cached model's weights (float32) and facts; refuses with the ``command`` that builds them."""
+    weights_path, facts_path = paths(name)
+    if not weights_path.exists() or not facts_path.exists():
+        raise SystemExit(f"no pretrained {name} in {weights_path.parent}; build it on a GPU with `{command}` (a few "
+                         "minutes), or set TOKENROUTE_CACHE")
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(weights_path)).items()}, json.loads(facts_path.read_text())
 
 
 def load(name: str = NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached pretrained model (eval mode) and its facts; refuses with the command that builds it."""
-    weights_path, facts_path = paths(name)
-    if not weights_path.exists() or not facts_path.exists():
-        raise SystemExit(f"no pretrained {name} in {weights_path.parent}; build it on a GPU with "
-                         f"`python benchmarks/pretrained.py` (a few minutes), or set TOKENROUTE_CACHE")
-    from safetensors.torch import load_file
-
-    facts = json.loads(facts_path.read_text())
+    weights, facts = _read(name, "python benchmarks/pretrained.py")
     model = build_model(facts["backbone"], facts["preset"], **facts.get("size", {}))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(weights_path)).items()})
+    model.load_state_dict(weights)
     return model.to(device).eval(), facts
 
 
@@ -132,7 +143,6 @@ def train_diffusers(name: str = DIFFUSERS_NAME, *, steps: int = 3000, batch_size
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import diffusers_dit
     from diffusers import DiTTransformer2DModel
-    from safetensors.torch import save_file
 
     size = [f"--{k.replace('_', '-')}={v}" for k, v in DIFFUSERS_SIZE.items()]
     with tempfile.TemporaryDirectory() as folder:
@@ -140,31 +150,21 @@ def train_diffusers(name: str = DIFFUSERS_NAME, *, steps: int = 3000, batch_size
                 f"--output={folder}", "--no-download", "--quiet", *size]
         summary = diffusers_dit.main(argv + ([f"--data-dir={data_dir}"] if data_dir else []))
         model = DiTTransformer2DModel.from_pretrained(Path(folder) / "transformer")
-    weights_path, facts_path = paths(name)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in model.state_dict().items()},
-              str(weights_path))
     facts = {"name": name, "class": "DiTTransformer2DModel", "config": dict(model.config),
              "objective": "epsilon prediction, DDPM noise schedule (1000 steps), null label 10",
              "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
              "train_time_s": summary.get("train_time_s"), "final_loss": summary.get("final_loss"),
              "environment": environment(), "command": "python benchmarks/pretrained.py --diffusers"}
-    facts_path.write_text(json.dumps(facts, indent=1, default=str) + "\n")
-    return facts
+    return _write(name, model.state_dict(), facts)
 
 
 def load_diffusers(name: str = DIFFUSERS_NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached diffusers DiT (eval mode) and its facts; refuses with the command that builds it."""
-    weights_path, facts_path = paths(name)
-    if not weights_path.exists() or not facts_path.exists():
-        raise SystemExit(f"no pretrained {name} in {weights_path.parent}; build it on a GPU with "
-                         f"`python benchmarks/pretrained.py --diffusers` (a few minutes), or set TOKENROUTE_CACHE")
     from diffusers import DiTTransformer2DModel
-    from safetensors.torch import load_file
 
-    facts = json.loads(facts_path.read_text())
+    weights, facts = _read(name, "python benchmarks/pretrained.py --diffusers")
     model = DiTTransformer2DModel.from_config(facts["config"])
-    model.load_state_dict({k: v.float() for k, v in load_file(str(weights_path)).items()})
+    model.load_state_dict(weights)
     return model.to(device).eval(), facts
 
 
