@@ -31,12 +31,15 @@ from common import RESULTS, Timer, bench_device, environment, median, write_json
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Dense, circular radius r, and tile windows (t x t tiles, k each way) of a comparable number of keys."""
+    """Dense, circular radius r, and tile windows (th x tw tiles, reaching ky tiles up and down, kx left and right)
+    of comparable extent: with 8 x 16 tiles (one kernel block each), reach 1x0 is a 24 x 16 window (about r=8's
+    16 x 16 box), 2x1 a 40 x 48 one (r=16's is 32 x 32)."""
     out: dict[str, dict[str, Any]] = {"dense": {}}
     for r in args.radius:
         out[f"circular r={r:g}"] = dict(radius=r)
-    for k in args.radius_tiles:
-        out[f"tiles {args.tile}x{args.tile}, {k} each way"] = dict(tile=(args.tile, args.tile), radius_tiles=k)
+    for reach in args.tile_reach:
+        ky, kx = (int(n) for n in reach.split("x"))
+        out[f"tiles {args.tile[0]}x{args.tile[1]}, reach {ky}x{kx}"] = dict(tile=tuple(args.tile), radius_tiles=(ky, kx))
     return out
 
 
@@ -72,7 +75,7 @@ def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device,
         calls[name] = lambda rule=rule, name=name: local_attention(q, k, v, coords, coords, masks=masks, key=name,
                                                                    backend=args.backend, **rule)
         calls[name]()
-        ordered = (name, "tile order") if "tile" in rule else name
+        ordered = (name, "tile order")  # FlexAttention runs every rule tile by tile
         sparsity[name] = block_sparsity(masks.blocks[ordered]) if ordered in masks.blocks else None
     ms = time_interleaved(calls, device, args.repeats, args.n)
     return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name]}
@@ -129,9 +132,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--radius", type=float, nargs="*", default=[16.0])
-    parser.add_argument("--tile", type=int, default=8)
-    parser.add_argument("--radius-tiles", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--radius", type=float, nargs="*", default=[8.0, 16.0])
+    parser.add_argument("--tile", type=int, nargs=2, default=[8, 16], help="tile rows, columns")
+    parser.add_argument("--tile-reach", nargs="*", default=["1x0", "2x1"], help="tiles up-down x left-right")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=72)
     parser.add_argument("--width", type=int, default=1152)
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "local_attention.json")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.tokens, args.radius, args.tile, args.radius_tiles = [64, 256], [3.0], 4, [1]
+        args.tokens, args.radius, args.tile, args.tile_reach = [64, 256], [3.0], [4, 4], ["1x1"]
         args.heads, args.head_dim, args.width, args.depth, args.repeats, args.n = 2, 8, 32, 2, 1, 1
     device = bench_device(cpu=args.cpu)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

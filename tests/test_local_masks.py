@@ -48,14 +48,16 @@ def test_the_circular_mask_is_the_brute_force_rule(grid, radius, lead, trail, fr
 
 @settings(max_examples=15, deadline=None)
 @given(tiles=st.tuples(st.integers(1, 3), st.integers(1, 3)), counts=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       radius_tiles=st.integers(0, 2), lead=st.integers(0, 2))
+       radius_tiles=st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2))),
+       lead=st.integers(0, 2))
 def test_the_tile_mask_is_the_brute_force_rule_and_tile_order_makes_whole_blocks(tiles, counts, radius_tiles, lead):
     grid = (tiles[0] * counts[0], tiles[1] * counts[1])
     coords = coords_of(grid, lead, 0)
+    reach = (radius_tiles, radius_tiles) if isinstance(radius_tiles, int) else radius_tiles  # up-down, left-right
 
     def near(q, k):
-        return abs(q[0] // tiles[0] - k[0] // tiles[0]) <= radius_tiles and \
-            abs(q[1] // tiles[1] - k[1] // tiles[1]) <= radius_tiles
+        return abs(q[0] // tiles[0] - k[0] // tiles[0]) <= reach[0] and \
+            abs(q[1] // tiles[1] - k[1] // tiles[1]) <= reach[1]
 
     mask = local_mask(coords, coords, tile=tiles, radius_tiles=radius_tiles)
     assert torch.equal(mask, brute(coords, near))
@@ -99,10 +101,11 @@ def test_flex_and_sdpa_agree_and_block_masks_are_cached_per_key():
         pytest.skip(f"FlexAttention does not run on this CPU build: {type(err).__name__}: {err}")
     torch.testing.assert_close(flex, local_attention(q, k, v, coords, coords, radius=2.5, backend="sdpa"),
                                rtol=1e-5, atol=1e-5)
-    first = masks.blocks["a"]
+    first, order = masks.blocks[("a", "tile order")], masks.orders[("a", "order")]  # run tile by tile, cached
     with torch.no_grad():
         local_attention(q, k, v, coords, coords, radius=2.5, masks=masks, key="a", backend="flex")
-    assert masks.blocks["a"] is first and len(masks.blocks) == 1
+    assert masks.blocks[("a", "tile order")] is first and len(masks.blocks) == 1
+    assert masks.orders[("a", "order")] is order and len(masks.orders) == 1
     assert 0.0 <= block_sparsity(first) <= 1.0
     batched = torch.stack([coords, coords.flip(0)])
     with torch.no_grad():

@@ -5,8 +5,13 @@ window then runs through every frame, or the frames within ``frame_radius``), or
 global (-1 throughout: text, class, register tokens) or pooled (-2 throughout: a key made by pooling the grid,
 seen by image queries only). A query sees a key iff either is global, or the key is pooled and the query an image
 token, or they are near: ``dy^2 + dx^2 < r^2`` (same frame), or, tile-aligned, their tiles are at most
-``radius_tiles`` apart each way (square windows aligned to tiles: ordered tile by tile, no kernel block is partly
-masked).
+``radius_tiles`` apart each way (windows aligned to tiles: ordered tile by tile, no kernel block of a tile's size
+is partly masked; a pair reaches (up-down, left-right), so that 8 x 16 tiles, one kernel block each, make square
+windows).
+
+In FlexAttention the sequence is ordered tile by tile for both rules (``KERNEL_TILE`` for circular windows), so
+that each kernel block holds a compact patch of the grid rather than a strip of a row: fewer blocks meet a
+window.
 
 On CUDA the attention runs in FlexAttention with a block mask cached per layout key in a ``LocalMasks`` the
 caller owns (no module globals); elsewhere in scaled_dot_product_attention with the dense boolean mask, which has
@@ -23,10 +28,12 @@ import torch
 import torch.nn.functional as F
 
 GLOBAL, POOLED = -1, -2
+KERNEL_TILE = (8, 16)  # one FlexAttention block of 128 tokens: the patch of the grid a block holds when ordered
+TileReach = int | tuple[int, int]  # tiles a window reaches each way, or (up-down, left-right)
 
 
 def _near(qc: torch.Tensor, kc: torch.Tensor, radius: float | None, tile: tuple[int, int] | None,
-          radius_tiles: int | None, frame_radius: int | None = None) -> torch.Tensor:
+          radius_tiles: TileReach | None, frame_radius: int | None = None) -> torch.Tensor:
     """Whether image query coordinates ``qc`` and key coordinates ``kc`` (broadcast against each other) are near:
     on the 2D grid, in every frame (a tube through the video) or in the frames within ``frame_radius``."""
     same_frame = True
@@ -35,9 +42,10 @@ def _near(qc: torch.Tensor, kc: torch.Tensor, radius: float | None, tile: tuple[
     dy, dx = qc[..., -2] - kc[..., -2], qc[..., -1] - kc[..., -1]
     if tile is None:
         return same_frame & (dy * dy + dx * dx < radius * radius)
+    reach_y, reach_x = (radius_tiles, radius_tiles) if isinstance(radius_tiles, int) else radius_tiles
     ty = qc[..., -2] // tile[0] - kc[..., -2] // tile[0]
     tx = qc[..., -1] // tile[1] - kc[..., -1] // tile[1]
-    return same_frame & (ty.abs() <= radius_tiles) & (tx.abs() <= radius_tiles)
+    return same_frame & (ty.abs() <= reach_y) & (tx.abs() <= reach_x)
 
 
 def _allowed(q_image: torch.Tensor, k_kind: torch.Tensor, near: Any) -> torch.Tensor:
@@ -47,16 +55,18 @@ def _allowed(q_image: torch.Tensor, k_kind: torch.Tensor, near: Any) -> torch.Te
         (q_image & (k_kind >= 0) & near())
 
 
-def check_rule(radius: float | None, tile: tuple[int, int] | None, radius_tiles: int | None) -> None:
+def check_rule(radius: float | None, tile: tuple[int, int] | None, radius_tiles: TileReach | None) -> None:
     if tile is None and (radius is None or radius < 1):
         raise ValueError(f"radius {radius}: below 1 token an image query sees no image key; give radius >= 1")
-    if tile is not None and (len(tile) != 2 or min(tile) < 1 or radius_tiles is None or radius_tiles < 0):
+    reach = [radius_tiles] if radius_tiles is None or isinstance(radius_tiles, int) else list(radius_tiles)
+    if tile is not None and (len(tile) != 2 or min(tile) < 1 or len(reach) not in (1, 2) or
+                             any(r is None or r < 0 for r in reach)):
         raise ValueError(f"tile {tile} with radius_tiles {radius_tiles}: give two positive tile sides and "
-                         "radius_tiles >= 0")
+                         "radius_tiles >= 0 (or a pair: tiles up-down, tiles left-right)")
 
 
 def local_mask(q_coords: torch.Tensor, kv_coords: torch.Tensor, *, radius: float | None = None,
-               tile: tuple[int, int] | None = None, radius_tiles: int | None = None,
+               tile: tuple[int, int] | None = None, radius_tiles: TileReach | None = None,
                frame_radius: int | None = None) -> torch.Tensor:
     """Dense boolean mask (..., Lq, Lkv), True where the query may see the key. Coordinates (L, n) or (B, L, n)."""
     check_rule(radius, tile, radius_tiles)
@@ -94,6 +104,10 @@ def tile_sorted(coords: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     return torch.sort(rank, stable=True).indices
 
 
+def _with_inverse(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return order, torch.argsort(order)
+
+
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: int,
               weights: torch.Tensor) -> torch.Tensor:
     """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens:
@@ -113,7 +127,20 @@ class LocalMasks:
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
         self.blocks: OrderedDict[Hashable, Any] = OrderedDict()
+        self.orders: OrderedDict[Hashable, Any] = OrderedDict()  # tile orders of a sequence and their inverses
         self._flex: Any = None
+
+    def cached(self, store: OrderedDict, key: Hashable | None, make: Any) -> Any:
+        """``store[key]``, made by ``make()`` on a miss (not kept when ``key`` is None)."""
+        if key is not None and key in store:
+            store.move_to_end(key)
+            return store[key]
+        value = make()
+        if key is not None:
+            store[key] = value
+            if len(store) > self.capacity:
+                store.popitem(last=False)
+        return value
 
     def flex(self) -> Any:
         if self._flex is None:
@@ -125,12 +152,13 @@ class LocalMasks:
     def block_mask(self, key: Hashable | None, q_coords: torch.Tensor, kv_coords: torch.Tensor, rule: dict) -> Any:
         """The FlexAttention block mask of these coordinates (cached by ``key`` where the coordinates are one
         sequence's, shared by the batch)."""
-        if key is not None and key in self.blocks:
-            self.blocks.move_to_end(key)
-            return self.blocks[key]
-        from torch.nn.attention.flex_attention import create_block_mask
-
         batched = q_coords.dim() == 3
+        return self.cached(self.blocks, None if batched else key,
+                           lambda: self._block_mask(q_coords, kv_coords, rule, batched))
+
+    @staticmethod
+    def _block_mask(q_coords: torch.Tensor, kv_coords: torch.Tensor, rule: dict, batched: bool) -> Any:
+        from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b: Any, h: Any, qi: Any, ki: Any) -> Any:
             qc = q_coords[b, qi] if batched else q_coords[qi]
@@ -138,13 +166,8 @@ class LocalMasks:
             q_image, k_kind = qc[0] >= 0, kc[0]
             return _allowed(q_image, k_kind, lambda: _near(qc, kc, **rule))
 
-        mask = create_block_mask(mask_mod, q_coords.shape[0] if batched else None, None, q_coords.shape[-2],
+        return create_block_mask(mask_mod, q_coords.shape[0] if batched else None, None, q_coords.shape[-2],
                                  kv_coords.shape[-2], device=q_coords.device)
-        if key is not None and not batched:
-            self.blocks[key] = mask
-            if len(self.blocks) > self.capacity:
-                self.blocks.popitem(last=False)
-        return mask
 
 
 def block_sparsity(block_mask: Any) -> float:
@@ -160,7 +183,7 @@ def block_sparsity(block_mask: Any) -> float:
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords: torch.Tensor,
                     kv_coords: torch.Tensor, *, radius: float | None = None, tile: tuple[int, int] | None = None,
-                    radius_tiles: int | None = None, frame_radius: int | None = None,
+                    radius_tiles: TileReach | None = None, frame_radius: int | None = None,
                     extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                     masks: LocalMasks | None = None, key: Hashable | None = None, scale: float | None = None,
                     backend: str = "auto") -> torch.Tensor:
@@ -169,20 +192,22 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
     the dense mask), "flex" or "sdpa"."""
     check_rule(radius, tile, radius_tiles)
     rule = dict(radius=radius, tile=tile, radius_tiles=radius_tiles, frame_radius=frame_radius)
+    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda)
+    if use_flex and q_coords.dim() == 2 and q_coords is kv_coords:
+        # ordered tile by tile: each kernel block holds a patch of the grid (tile-aligned: wholly in or out of
+        # every window); the output goes back to the sequence's order
+        masks = masks or LocalMasks()
+        order, inverse = masks.cached(masks.orders, None if key is None else (key, "order"),
+                                      lambda: _with_inverse(tile_sorted(q_coords, tile or KERNEL_TILE)))
+        out = local_attention(q[:, :, order], k[:, :, order], v[:, :, order], q_coords[order], kv_coords[order],
+                              **rule, extra_kv=extra_kv, masks=masks, key=None if key is None else (key, "tile order"),
+                              scale=scale, backend="flex_ordered")
+        return out[:, :, inverse]
     if extra_kv is not None:
         pooled = torch.full((*kv_coords.shape[:-2], extra_kv[0].shape[-2], kv_coords.shape[-1]), POOLED,
                             dtype=kv_coords.dtype, device=kv_coords.device)
         kv_coords = torch.cat([kv_coords, pooled], dim=-2)
         k, v = torch.cat([k, extra_kv[0]], dim=-2), torch.cat([v, extra_kv[1]], dim=-2)
-    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda)
-    if use_flex and tile is not None and q_coords.dim() == 2 and extra_kv is None:
-        # ordered tile by tile, each kernel block of one tile's size is wholly in or out of every window
-        order = tile_sorted(q_coords, tile)
-        inverse = torch.argsort(order)
-        out = local_attention(q[:, :, order], k[:, :, order], v[:, :, order], q_coords[order], kv_coords[order],
-                              tile=tile, radius_tiles=radius_tiles, frame_radius=frame_radius, masks=masks,
-                              key=None if key is None else (key, "tile order"), scale=scale, backend="flex_ordered")
-        return out[:, :, inverse]
     if use_flex or backend == "flex_ordered":
         masks = masks or LocalMasks()
         block = masks.block_mask(key if extra_kv is None or key is None else (key, "pooled", k.shape[-2]),

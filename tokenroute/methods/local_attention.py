@@ -41,7 +41,8 @@ NAME = "local_attention"
 @dataclass(kw_only=True)
 class LocalAttentionConfig:
     """radius: in tokens, a pair attends iff dy^2 + dx^2 < radius^2 (>= 1); tile and radius_tiles: the
-    tile-aligned variant instead (square windows of tiles, no kernel block partly masked); pooled: d, to add the
+    tile-aligned variant instead (windows of whole tiles, no kernel block partly masked; radius_tiles may be a pair,
+    (up-down, left-right): 8 x 16 tiles, one FlexAttention block each, with (2, 1) make a 40 x 48 window); pooled: d, to add the
     image keys and values pooled d x d (learnable weights, initialised to 1/d^2) for image queries; blocks:
     positions in the stack to apply it to (default: every block with a known attention branch); grid: (H, W) or
     (F, H, W) of the image tokens where the graph does not show it (Flux packs its latents with a linear layer),
@@ -50,7 +51,7 @@ class LocalAttentionConfig:
 
     radius: float | None = 8.0
     tile: tuple[int, int] | None = None
-    radius_tiles: int | None = None
+    radius_tiles: int | tuple[int, int] | None = None
     pooled: int | None = None
     blocks: list[int] | None = None
     grid: tuple[int, ...] | None = None  # the image tokens' grid, where the graph cannot show it (packed latents)
@@ -62,8 +63,11 @@ class LocalAttentionConfig:
         if self.tile is None and (self.radius is None or self.radius < 1):
             raise RouteError(f"LocalAttentionConfig.radius={self.radius}: a radius below 1 token lets an image query "
                              "see no image key; give radius >= 1 (CLEAR uses 8, 16, 32)")
-        if self.tile is not None and (self.radius_tiles is None or self.radius_tiles < 0):
-            raise RouteError("LocalAttentionConfig.tile needs radius_tiles >= 0 (how many tiles each way a query sees)")
+        reach = (self.radius_tiles,) if self.radius_tiles is None or isinstance(self.radius_tiles, int) \
+            else tuple(self.radius_tiles)
+        if self.tile is not None and (len(reach) not in (1, 2) or any(r is None or r < 0 for r in reach)):
+            raise RouteError("LocalAttentionConfig.tile needs radius_tiles >= 0 (how many tiles each way a query "
+                             "sees), or a pair (up-down, left-right)")
         if self.pooled is not None and self.pooled < 2:
             raise RouteError(f"LocalAttentionConfig.pooled={self.pooled}: pooling needs a window of d >= 2 tokens")
         if self.frame_radius is not None and self.frame_radius < 0:
