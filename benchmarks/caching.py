@@ -147,17 +147,18 @@ def build(model: torch.nn.Module, kind: str, parameter: float, steps: int, sampl
 
 
 def images(model: torch.nn.Module, sampler: Any, num: int, batch: int, device: torch.device,
-           seed: int = 0) -> torch.Tensor:
-    """``num`` samples, classes in turn, from fixed noise; uint8 (num, 1, 32, 32)."""
+           seed: int = 0, size: int = 32) -> torch.Tensor:
+    """``num`` samples, classes in turn, from fixed noise; uint8 (num, 1, 32, 32) (generated at ``size``, then
+    averaged down to 32)."""
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, num, batch):
         n = min(batch, num - start)
-        noise = torch.randn(n, 1, 32, 32, generator=generator).to(device)
+        noise = torch.randn(n, 1, size, size, generator=generator).to(device)
         labels = (torch.arange(start, start + n) % 10).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             x = sample(model, sampler, noise, labels)
-        out.append(fid.to_uint8(x.float().clamp(-1, 1)).cpu())
+        out.append(fid.to_uint8(pretrained.downsample(x.float().clamp(-1, 1))).cpu())
         _reset(model)
     return torch.cat(out)
 
@@ -287,13 +288,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model_facts = model_facts | {"preset": "DiTTransformer2DModel", "minutes": model_facts["train_time_s"] / 60}
         make_sampler = pretrained.ddim_sampler
     else:
-        name = pretrained.NAME + ("-smoke" if args.smoke else "")
-        weights, _ = pretrained.paths(name)
-        if not weights.exists():
-            pretrained.train(name, preset="tiny" if args.smoke else "small", size={} if args.smoke else None,
-                             minutes=0.05 if args.smoke else args.train_minutes,
-                             batch_size=16 if args.smoke else 256, device=device, data_dir=args.data_dir)
-        model, model_facts = pretrained.load(name, device=device)
+        model, model_facts = pretrained.ensure(
+            pretrained.NAME + ("-smoke" if args.smoke else ""), device=device, preset="tiny" if args.smoke else "small",
+            size={} if args.smoke else None, minutes=0.05 if args.smoke else args.train_minutes,
+            batch_size=16 if args.smoke else 256, data_dir=args.data_dir)
         make_sampler = pretrained.sampler
     real, _ = fid.load_split("t10k", args.data_dir)
     meter = fid.FIDMeter(real[: max(args.fid_samples, 2)], device=device)

@@ -6,6 +6,8 @@ repository (``$TOKENROUTE_CACHE``, default ``~/.cache/tokenroute``), with the fa
 
     python benchmarks/pretrained.py                      # build (or rebuild) dit-small-fmnist on the GPU
     python benchmarks/pretrained.py --minutes 1 --cpu    # a quick stand-in on the CPU
+    python benchmarks/pretrained.py --name dit-small-fmnist-64 --image-size 64 --init dit-small-fmnist --minutes 3
+                                                         # fine-tuned at 64 x 64 (32 x 32 tokens): local attention
     python benchmarks/pretrained.py --diffusers          # dit-diffusers-fmnist: diffusers' DiTTransformer2DModel,
                                                          # trained by examples/diffusers_dit.py (needs diffusers)
 
@@ -62,16 +64,22 @@ def paths(name: str = NAME) -> tuple[Path, Path]:
 def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", size: dict[str, int] | None = None,
           minutes: float = 4.0,
           batch_size: int = 256, lr: float = 3e-4, label_dropout: float = 0.1, seed: int = 0,
-          device: torch.device | None = None, data_dir: str | None = None, out: Path | None = None) -> dict[str, Any]:
+          device: torch.device | None = None, data_dir: str | None = None, out: Path | None = None,
+          image_size: int | None = None, init: str | None = None) -> dict[str, Any]:
     """Train for ``minutes`` of wall time (bf16 autocast on CUDA, fused AdamW, EMA 0.999) and write the EMA
-    weights and the run's facts (``out``: a folder to write them to instead of the cache)."""
+    weights and the run's facts (``out``: a folder to write them to instead of the cache). ``image_size``: the
+    images (28 x 28 padded to 32) resized bilinearly, and the model's input size (64: a larger token grid); ``init``: the name of a cached
+    model of the same size to fine-tune (its positional embedding is fixed sin-cos, made for any grid)."""
     device = device or bench_device()
     torch.manual_seed(seed)
     images, labels = load_fashion_mnist(data_dir, splits=("train",), download=False)
-    data = to_model_range(pad_images(images)).to(device)
+    data = to_model_range(pad_images(images))
+    data = (data if image_size is None else upsample(data, image_size)).to(device)
     labels = labels.to(device)
-    size = dict(SIZE if size is None else size)
+    size = dict(SIZE if size is None else size) | ({} if image_size is None else {"input_size": image_size})
     model = build_model(backbone, preset, **size).to(device)
+    if init is not None:
+        model.load_state_dict(read(init, "python benchmarks/pretrained.py")[0])
     ema = EMA(model, decay=0.999)
     task = make_task("flow")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
@@ -94,15 +102,29 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", siz
         if step % 100 == 0:
             losses.append((step, float(loss.detach())))
     facts = {"name": name, "backbone": backbone, "preset": preset, "size": size,
-             "config": model_config(backbone, preset) | size,
+             "config": model_config(backbone, preset) | size, "init": init,
              "objective": "flow (rectified flow, velocity noise - x0), backbone time t * 1000, null label "
                           f"{null}", "steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr,
              "label_dropout": label_dropout, "seed": seed, "losses": losses, "environment": environment(),
-             "command": "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])}
-    return _write(name, ema.state_dict(), facts, out)
+             "command": "python " + " ".join(sys.argv)}
+    return store(name, ema.state_dict(), facts, out)
 
 
-def _write(name: str, state_dict: dict[str, torch.Tensor], facts: dict[str, Any],
+def upsample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (N, 1, 32, 32) in [-1, 1] at ``size`` x ``size`` (bilinear; 32: unchanged)."""
+    if size == images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def downsample(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Samples (N, 1, s, s) back to the classifier's ``size`` x ``size`` frame (area average)."""
+    if images.shape[-1] == size:
+        return images
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), size)
+
+
+def store(name: str, state_dict: dict[str, torch.Tensor], facts: dict[str, Any],
            out: Path | None = None) -> dict[str, Any]:
     """Cache a model's weights (bf16: they travel as one file of a few MB) and the facts of the run beside them
     (``out``: a folder to write them to instead of the cache)."""
@@ -115,7 +137,7 @@ def _write(name: str, state_dict: dict[str, torch.Tensor], facts: dict[str, Any]
     return facts
 
 
-def _read(name: str, command: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read(name: str, command: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A cached model's weights (float32) and facts; refuses with the ``command`` that builds them."""
     weights_path, facts_path = paths(name)
     if not weights_path.exists() or not facts_path.exists():
@@ -126,9 +148,17 @@ def _read(name: str, command: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     return {k: v.float() for k, v in load_file(str(weights_path)).items()}, json.loads(facts_path.read_text())
 
 
+def ensure(name: str = NAME, *, device: torch.device | str = "cpu", **train_args: Any
+           ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The cached model ``name``, trained first (``train(name, **train_args)``) where it is missing."""
+    if not paths(name)[0].exists():
+        train(name, device=torch.device(device), **train_args)
+    return load(name, device=device)
+
+
 def load(name: str = NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached pretrained model (eval mode) and its facts; refuses with the command that builds it."""
-    weights, facts = _read(name, "python benchmarks/pretrained.py")
+    weights, facts = read(name, "python benchmarks/pretrained.py")
     model = build_model(facts["backbone"], facts["preset"], **facts.get("size", {}))
     model.load_state_dict(weights)
     return model.to(device).eval(), facts
@@ -155,14 +185,14 @@ def train_diffusers(name: str = DIFFUSERS_NAME, *, steps: int = 3000, batch_size
              "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
              "train_time_s": summary.get("train_time_s"), "final_loss": summary.get("final_loss"),
              "environment": environment(), "command": "python benchmarks/pretrained.py --diffusers"}
-    return _write(name, model.state_dict(), facts)
+    return store(name, model.state_dict(), facts)
 
 
 def load_diffusers(name: str = DIFFUSERS_NAME, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached diffusers DiT (eval mode) and its facts; refuses with the command that builds it."""
     from diffusers import DiTTransformer2DModel
 
-    weights, facts = _read(name, "python benchmarks/pretrained.py --diffusers")
+    weights, facts = read(name, "python benchmarks/pretrained.py --diffusers")
     model = DiTTransformer2DModel.from_config(facts["config"])
     model.load_state_dict(weights)
     return model.to(device).eval(), facts
@@ -223,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache folder")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--image-size", type=int, default=None, help="64: upsampled images, a larger token grid")
+    parser.add_argument("--init", default=None, help="fine-tune this cached model instead of starting afresh")
     parser.add_argument("--diffusers", action="store_true", help=f"build {DIFFUSERS_NAME} instead")
     parser.add_argument("--diffusers-steps", type=int, default=3000)
     args = parser.parse_args(argv)
@@ -233,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return facts
     facts = train(args.name, preset=args.preset, size=dict(hidden_size=args.width, depth=args.depth,
                                                               num_heads=args.heads), minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                  device=bench_device(cpu=args.cpu), data_dir=args.data_dir, out=args.out)
+                  device=bench_device(cpu=args.cpu), data_dir=args.data_dir, out=args.out,
+                  image_size=args.image_size, init=args.init)
     print(json.dumps({k: facts[k] for k in ("name", "preset", "steps", "minutes")}))
     return facts
 

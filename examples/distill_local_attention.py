@@ -78,13 +78,16 @@ def teacher_samples(model: torch.nn.Module, args: argparse.Namespace, device: to
     return torch.cat(images), torch.cat(labels)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Run the distillation; ``model``: distil this pretrained model in place (from code) instead of building
+    one from --backbone, --preset, --image-size and --weights."""
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     torch.manual_seed(args.seed)
-    model = build_model(args.backbone, args.preset, input_size=args.image_size)
-    if args.weights:
-        model.load_state_dict(load_weights(args.weights))
+    if model is None:
+        model = build_model(args.backbone, args.preset, input_size=args.image_size)
+        if args.weights:
+            model.load_state_dict(load_weights(args.weights))
     model.to(device).eval()
     apply_local_attention(model, LocalAttentionConfig(radius=args.radius, pooled=args.pooled))
     trained = distillation_parameters(model)

@@ -278,3 +278,22 @@ def test_local_attention_benchmark_smoke(tmp_path):
         assert set(run["attention"]) == set(run["model"]) and len(run["attention"]) == 3
         assert all(row["ms"] > 0 and row["speedup"] > 0 for part in run.values() for row in part.values())
     assert is_png(out.with_suffix(".png"))
+
+
+@pytest.mark.slow
+def test_local_attention_quality_benchmark_smoke(fid, data_dir, tmp_path, monkeypatch):
+    """benchmarks/local_attention_quality.py on the CPU: pretrained stand-in, fine-tune at the larger grid, two
+    distilled students cached, FID of every variant, the JSON and the plot; a second run reads the students back."""
+    import local_attention_quality
+
+    monkeypatch.setenv("TOKENROUTE_CACHE", str(tmp_path / "cache"))
+    argv = ["--cpu", "--smoke", "--data-dir", str(data_dir), "--out", str(tmp_path / "quality.json")]
+    payload = local_attention_quality.main(argv)
+    rows = payload["variants"]
+    assert len(rows) == 5 and sum(r["distilled"] for r in rows.values()) == 2
+    assert all(math.isfinite(r["fid"]) for r in rows.values()) and rows["teacher (dense)"]["fid_over_teacher"] == 1.0
+    assert payload["teacher"]["init"] == "dit-small-fmnist-smoke" and is_png(tmp_path / "quality.png")
+    cached = sorted(p.name for p in (tmp_path / "cache" / "pretrained").glob("*local*.safetensors"))
+    assert len(cached) == 2
+    again = local_attention_quality.main(argv + ["--stages", "models"])
+    assert list(again["students"].values()) == [r["distillation"] for r in rows.values() if r["distilled"]]
