@@ -36,7 +36,7 @@ def explain(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> str:
         lines.append(f"  [{position:>2}] {path:<28} {type(block).__name__:<26} stream: {spec.stream} -> {out}  {tag}")
     for i, segment in enumerate(plan.segments if plan is not None else []):
         route = segment.route
-        lines.append(f"  route {i} ({segment.method}): {route}; {stack.paths[route.start]} .. {stack.paths[route.end]}; "
+        lines.append(f"  route {i} ({segment.method}): {segment.operation.span(route)}; {stack.paths[route.start]} .. {stack.paths[route.end]}; "
                      f"{segment.operation.describe()}")
     for patch in registry:
         lines += patch.describe(stack)

@@ -109,15 +109,16 @@ def _with_inverse(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: int,
-              weights: torch.Tensor) -> torch.Tensor:
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens:
-    the grid pooled by d x d windows with ``weights`` (d * d,) -> (B, H, (Hg / d) * (Wg / d), D)."""
+    the grid pooled by d x d windows with ``weights`` (d * d,; None: the mean) -> (B, H, (Hg / d) * (Wg / d), D)."""
     if len(grid) != 2 or grid[0] % d or grid[1] % d:
         raise ValueError(f"pooled keys and values need a 2D grid divisible by d={d}, got {grid}")
     b, h, _, c = x.shape
     image = x[:, :, lead: x.shape[2] - trail].reshape(b, h, grid[0] // d, d, grid[1] // d, d, c)
     windows = image.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, grid[0] // d, grid[1] // d, d * d, c)
-    return (windows * weights.to(x.dtype)[:, None]).sum(-2).reshape(b, h, -1, c)
+    pooled = windows.mean(-2) if weights is None else (windows * weights.to(x.dtype)[:, None]).sum(-2)
+    return pooled.reshape(b, h, -1, c)
 
 
 class LocalMasks:

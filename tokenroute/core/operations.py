@@ -6,7 +6,8 @@ token-aligned value that crosses the boundary (skips, attention masks, rotary ro
 run, so both splice mechanisms (graph and hooks) only decide *which* values cross, never *how*.
 
 ``SkipTokens`` is TREAD (skipped tokens return with their route-start values); ``MaskTokens`` is MaskDiT
-(dropped tokens return as a learnable mask token). A pooling operation (token density) plugs in here.
+(dropped tokens return as a learnable mask token); ``PoolTokens`` is token density (the route runs on the image
+grid pooled, its change comes back upsampled).
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ class TokenOperation:
     def reduction(self, run: Any) -> str | None:
         """What the route's blocks run on in this ``run`` ('8 of 16 tokens'), for errors; None: the stream as is."""
         return None
+
+    def span(self, route: Route) -> str:
+        """The route as explain names it."""
+        return str(route)
 
     def inner_tokens(self, run: Any, layout: TokenLayout) -> StreamTokens:
         """The tokens the route's blocks run on, given the full stream's ``layout``: for methods that read where
@@ -320,8 +325,13 @@ class PoolTokens(TokenOperation):
     entered plus the change the blocks made to the pooled tokens, upsampled (nearest). A route whose blocks change
     nothing gives back the stream exactly, whatever the factor; factor 1 runs the route on the stream as is."""
 
-    def __init__(self, factor: Callable[[], int]):
-        self.factor = factor
+    def __init__(self, factor: Callable[[], int],
+                 merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 recover: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        """``merge(pooled, dense)``: the pooled image tokens the route starts from (default: the average pool);
+        ``recover(dense, change, sparse)``: the dense image tokens at the exit from the ones that entered, the
+        route's change upsampled, and the pooled tokens that left the route (default: dense + change)."""
+        self.factor, self.merge, self.recover = factor, merge, recover
 
     def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float, shared: bool) -> PoolRun:
         factor = int(self.factor())
@@ -338,6 +348,10 @@ class PoolTokens(TokenOperation):
         run = PoolRun(stream, None, layout, factor)
         if factor > 1:
             run.pooled = self._pool(run, stream)
+            if self.merge is not None:
+                image = slice(layout.lead, run.pooled.shape[1] - layout.trail)
+                merged = self.merge(run.pooled[:, image], stream[:, layout.image_slice])
+                run.pooled = torch.cat([run.pooled[:, : layout.lead], merged, run.pooled[:, image.stop:]], dim=1)
         return run
 
     def _pool(self, run: PoolRun, t: torch.Tensor) -> torch.Tensor:
@@ -383,9 +397,10 @@ class PoolTokens(TokenOperation):
             if not (isinstance(t, torch.Tensor) and t.shape[:1] == run.base.shape[:1] and t.dim() == run.base.dim()
                     and t.shape[1] == pooled_length and t.shape[2:] == run.base.shape[2:]):
                 return t
-            image = slice(layout.lead, layout.lead + pooled_length - layout.lead - layout.trail)
+            image = slice(layout.lead, pooled_length - layout.trail)
             change = self._upsample(run, t[:, image] - run.pooled[:, image])
-            dense = run.base[:, layout.image_slice] + change
+            entered = run.base[:, layout.image_slice]
+            dense = entered + change if self.recover is None else self.recover(entered, change, t[:, image])
             return torch.cat([t[:, : layout.lead], dense, t[:, image.stop:]], dim=1)
 
         return tree_map(back, value)
@@ -408,3 +423,6 @@ class PoolTokens(TokenOperation):
 
     def describe(self) -> str:
         return "the image grid pooled, the blocks' change upsampled back onto the dense stream"
+
+    def span(self, route: Route) -> str:
+        return f"blocks {route.start}..{route.end}, pooled (no token skips)"

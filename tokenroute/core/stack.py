@@ -40,6 +40,19 @@ class BlockStack:
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def width(self) -> int:
+        """The stream's channel width: the owner's ``hidden_size``, ``embed_dim``, ``inner_dim`` or ``dim`` (or its
+        config's), else the first block's first LayerNorm; refused where neither says."""
+        for name in ("hidden_size", "embed_dim", "inner_dim", "dim"):
+            value = getattr(self.owner, name, None) or getattr(getattr(self.owner, "config", None), name, None)
+            if isinstance(value, int):
+                return value
+        norms = [m for m in self.blocks[0].modules() if isinstance(m, nn.LayerNorm)]
+        if norms:
+            return norms[0].normalized_shape[-1]
+        raise RouteError(f"cannot tell the token width of {type(self.owner).__name__}'s stream; give the owner a "
+                         "hidden_size attribute")
+
     @property
     def containers(self) -> list[str]:
         """The owner's children holding the blocks, in stack order (one per stack: double, single)."""

@@ -18,19 +18,17 @@ locally instead. An attention branch that computes attention otherwise is refuse
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from ..core.blocks import block_branches
+from ..core.attention import AttentionBranches, image_bounds
+from ..core.layout import StreamTokens
 from ..core.locality import LocalMasks, local_attention, pool_grid
-from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch, unwrap_forwards, wrap_forward
-from ..core.plan import Tap
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.route import RouteError
 from ..core.splice.tracer import tracing
 from ..core.stack import BlockStack
@@ -76,24 +74,9 @@ class LocalAttentionConfig:
             raise RouteError(f"LocalAttentionConfig.backend={self.backend!r} is not one of 'auto', 'flex', 'sdpa'")
 
 
-class _Interception(TorchFunctionMode):
-    """While an attention branch runs: its ``scaled_dot_product_attention`` call runs ``local`` instead."""
-
-    def __init__(self, local: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.local, self.calls = local, 0
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-            return self.local(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 class LocalAttentionPatch(Patch):
-    """Taps the chosen blocks (their stream layout) and runs their attention branch under an interception of
-    ``scaled_dot_product_attention``."""
+    """Taps the chosen blocks (their stream layout) and runs their attention branch's
+    ``scaled_dot_product_attention`` call locally (``tokenroute.core.attention``)."""
 
     name = NAME
     order = 40
@@ -103,84 +86,35 @@ class LocalAttentionPatch(Patch):
         super().__init__()
         config.check()
         self.config = config
-        chosen = list(range(len(stack.blocks))) if config.blocks is None else list(config.blocks)
-        self.branches: dict[int, str] = {}
-        for position in chosen:
-            if not 0 <= position < len(stack.blocks):
-                raise RouteError(f"LocalAttentionConfig.blocks names block {position}; the stack has "
-                                 f"{len(stack.blocks)} ({stack.paths[0]} .. {stack.paths[-1]})")
-            attention = [b for b in block_branches(stack.blocks[position], stack.specs[position]) if b.kind == "attention"]
-            if attention:
-                self.branches[position] = attention[0].path
-            elif config.blocks is not None:
-                raise RouteError(
-                    f"block {stack.paths[position]} ({type(stack.blocks[position]).__name__}) has no known attention "
-                    "branch; register its class with tokenroute.register_block(cls, tokenroute.BlockSpec(stream, "
-                    "branches=(tokenroute.Branch('attention', path), ...)))")
-        if not self.branches:
-            raise RouteError(f"no block of {type(stack.owner).__name__}'s stack has a known attention branch; register "
-                             "the block class with its branches (tokenroute.register_block)")
-        self.taps = [Tap(p, NAME) for p in self.branches]
+        self.attention = AttentionBranches(stack, config.blocks, NAME, self.title, config.grid)
+        self.branches = self.attention.paths
+        self.taps = self.attention.taps
         self.masks = LocalMasks()
         if config.pooled:
             d = config.pooled
             self.modules = {"local_attention_pool": nn.ParameterDict(
                 {str(p): nn.Parameter(torch.full((d * d,), 1.0 / (d * d))) for p in self.branches})}
-        self.installed: list[tuple[nn.Module, Any]] = []
-        self.enabled = True  # off: the blocks attend densely (the distillation teacher: the same weights)
+
+    @property
+    def enabled(self) -> bool:
+        return self.attention.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:  # off: the blocks attend densely (the distillation teacher)
+        self.attention.enabled = value
 
     def attach(self, stack: BlockStack) -> None:
-        for position, path in self.branches.items():
-            wrap_forward(stack.blocks[position].get_submodule(path), self.installed,
-                         lambda original, p=position: lambda *args, **kwargs: self._attend(p, original, args, kwargs))
+        self.attention.attach(stack, self.registry, self._local)
 
     def detach(self, stack: BlockStack) -> None:
-        unwrap_forwards(self.installed)
+        self.attention.detach()
 
-    def _attend(self, position: int, original: Any, args: tuple, kwargs: dict) -> Any:
-        if tracing() or not self.enabled:  # the trace runs the blocks on fake values: shapes only
-            return original(*args, **kwargs)
-        splice = self.registry.splice
-        tokens = splice.boundaries.tokens_at(position) if splice is not None else None
-        path = self.registry.stack.paths[position]
-        if tokens is None:
-            raise RouteError(
-                f"local attention at {path}: where its stream's image tokens sit is not known (the owner's forward "
-                "could not be traced, so its graph cannot show them). Make the forward traceable, or keep local "
-                "attention off this model")
-        grid = tokens.layout.grid or self.config.grid
-        if grid is None:
-            raise RouteError(
-                f"local attention at {path}: the image tokens' grid is not known: the graph shows no patch "
-                f"embedding that makes it ({tokens.layout.image} image tokens). Declare it: "
-                "LocalAttentionConfig(grid=(H, W))")
-        if self.config.grid is not None and (tuple(self.config.grid) != tuple(grid) or
-                                             math.prod(grid) != tokens.layout.image):
-            raise RouteError(
-                f"LocalAttentionConfig.grid={tuple(self.config.grid)} does not match {path}'s stream: "
-                f"{tokens.layout.image} image tokens"
-                + (f", grid {tuple(tokens.layout.grid)} read from the graph" if tokens.layout.grid else ""))
-        interception = _Interception(lambda *a, **kw: self._local(position, tokens, grid, *a, **kw))
-        with interception:
-            out = original(*args, **kwargs)
-        if interception.calls == 0:
-            raise RouteError(
-                f"local attention at {path}.{self.branches[position]}: the attention branch never called "
-                "torch.nn.functional.scaled_dot_product_attention, so there is nothing to make local. Set its "
-                "attention backend to the native one (diffusers: model.set_attention_backend('native')), or "
-                "register a block whose attention submodule calls scaled_dot_product_attention")
-        return out
-
-    def _local(self, position: int, tokens: Any, grid: tuple[int, ...], query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
-               scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    def _local(self, position: int, tokens: StreamTokens, grid: tuple[int, ...], query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+               is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
         """scaled_dot_product_attention's call (its parameter names), made local."""
         q, k, v = query, key, value
-        if attn_mask is not None or is_causal or dropout_p or enable_gqa or q.shape[-2] != k.shape[-2]:
-            raise RouteError(
-                f"local attention at {self.registry.stack.paths[position]}: its attention passes "
-                f"{'a mask' if attn_mask is not None else 'causal, dropout or grouped-query options, or keys of another length'}"
-                ", which local attention does not combine yet; keep local attention off these blocks")
+        self.attention.refuse_options(self.registry, position, q, k, attn_mask, dropout_p, is_causal, enable_gqa)
         layout = tokens.layout
         index = tokens.grid_index(q.shape[-2], device=q.device)
         coords = _coords(index, grid)
@@ -194,8 +128,7 @@ class LocalAttentionPatch(Patch):
                 raise RouteError("pooled keys and values need the whole grid; they do not run inside a route that "
                                  "keeps a subset of the tokens (end the route before these blocks, or pooled=None)")
             weights = self.modules["local_attention_pool"][str(position)]
-            lead = int((index[0] >= 0).nonzero()[0])  # the image tokens are contiguous in the whole sequence
-            trail = q.shape[-2] - lead - layout.image
+            _, lead, trail = image_bounds(tokens, q.shape[-2], q.device)
             extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights),
                      pool_grid(v, grid, lead, trail, self.config.pooled, weights))
         return local_attention(q, k, v, coords, coords, radius=self.config.radius if self.config.tile is None else None,

@@ -102,17 +102,6 @@ class TokenMasking(nn.Module):
         return self.mask_token.to(stream.dtype).expand_as(stream)
 
 
-def _width(owner: nn.Module, blocks: Sequence[nn.Module]) -> int:
-    for name in ("hidden_size", "embed_dim", "inner_dim", "dim"):
-        value = getattr(owner, name, None) or getattr(getattr(owner, "config", None), name, None)
-        if isinstance(value, int):
-            return value
-    norms = [m for m in blocks[0].modules() if isinstance(m, nn.LayerNorm)]
-    if norms:
-        return norms[0].normalized_shape[-1]
-    raise RouteError("cannot tell the token width of the model; give the owner a hidden_size attribute")
-
-
 def _num_tokens(owner: nn.Module) -> int:
     pos = getattr(owner, "pos_embed", None)
     if isinstance(pos, torch.Tensor) and pos.dim() == 3:
@@ -143,7 +132,7 @@ class MaskingPatch(Patch):
         super().__init__()
         ratio = check_ratio(config.ratio, "mask ratio")
         decoder, depth = config.decoder, len(stack)
-        dim = _width(stack.owner, stack.blocks)
+        dim = stack.width()
         added = _check_decoder(decoder, stack)
         if added:
             parameters = inspect.signature(stack.blocks[-1].forward).parameters
