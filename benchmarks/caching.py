@@ -169,10 +169,10 @@ def _reset(model: torch.nn.Module) -> None:
 
 
 def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, device: torch.device,
-              repeats: int) -> dict[str, float]:
+              repeats: int, size: int = 32) -> dict[str, float]:
     """Milliseconds per generation of ``batch`` images: variants interleaved, after a warm-up, medians."""
     timer = Timer(device)
-    noise = torch.randn(batch, 1, 32, 32, device=device)
+    noise = torch.randn(batch, 1, size, size, device=device)
     labels = torch.arange(batch, device=device) % 10
 
     def run(model: torch.nn.Module) -> Callable[[], Any]:
@@ -190,11 +190,11 @@ def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, devi
     return {name: median(values) for name, values in times.items()}
 
 
-def flops(model: torch.nn.Module, sampler: Any, device: torch.device) -> int:
+def flops(model: torch.nn.Module, sampler: Any, device: torch.device, size: int = 32) -> int:
     """FLOPs of one generation of one image (classifier-free guidance batched: two rows)."""
     with FlopCounterMode(display=False) as counter:
-        sample(model, sampler, torch.randn(1, 1, 32, 32, device=device), torch.zeros(1, dtype=torch.long,
-                                                                                      device=device))
+        sample(model, sampler, torch.randn(1, 1, size, size, device=device), torch.zeros(1, dtype=torch.long,
+                                                                                          device=device))
     return int(counter.get_total_flops())
 
 

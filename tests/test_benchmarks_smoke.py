@@ -297,3 +297,22 @@ def test_local_attention_quality_benchmark_smoke(fid, data_dir, tmp_path, monkey
     assert len(cached) == 2
     again = local_attention_quality.main(argv + ["--stages", "models"])
     assert list(again["students"].values()) == [r["distillation"] for r in rows.values() if r["distilled"]]
+
+
+@pytest.mark.slow
+def test_token_density_benchmark_smoke(fid, data_dir, tmp_path, monkeypatch):
+    """benchmarks/token_density.py on the CPU: the pretrained stand-in, converted and fine-tuned variants with a
+    fixed factor and the schedule, TREAD at sampling at matched FLOPs, the JSON and the plot."""
+    import token_density
+
+    monkeypatch.setenv("TOKENROUTE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "token_density.json"
+    payload = token_density.main(["--cpu", "--smoke", "--data-dir", str(data_dir), "--out", str(out)])
+    rows = payload["variants"]
+    assert [r["kind"] for r in rows.values()].count("fine-tuned") == 2 and \
+        [r["kind"] for r in rows.values()].count("tread") == 2
+    assert all(math.isfinite(r["fid"]) and r["images_per_s"] > 0 for r in rows.values())
+    assert all(r["flops_share"] < 1.0 for r in rows.values() if r["kind"] != "pretrained")
+    assert set(payload["start_difference"]) == {"factor 2", "factor 2, FlexDiT's start", "schedule"}
+    assert payload["start_difference"]["factor 2"] < payload["start_difference"]["factor 2, FlexDiT's start"]
+    assert payload["finetune_share_of_pretraining"] <= 0.1 and is_png(out.with_suffix(".png"))
