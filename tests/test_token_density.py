@@ -164,3 +164,25 @@ def test_bad_factors_and_schedules_are_refused():
         converted("dit", factor=SCHEDULE, timestep_arg="noise")
     with pytest.raises(RouteError, match="heads do not divide"):
         converted("dit", factor=2, heads=5)
+
+
+def test_it_composes_with_tread_and_with_local_attention_on_the_pooled_grid():
+    """TREAD routes a later block while the pooled route runs (hooks count both reductions); local attention inside
+    the pooled route is told the pooled 4 x 4 grid: a radius covering it is the route's own attention, a radius
+    of 1 on that grid is not."""
+    from tokenroute.methods.local_attention import LocalAttentionConfig, apply_local_attention
+    from tokenroute.methods.tread import TreadConfig, apply_tread
+
+    model = converted("dit", factor=2)
+    apply_tread(model, TreadConfig(routes=[(3, 3, 0.5)], seed=0))
+    seen = tokens_seen(model)
+    x, t, y = backbone_inputs(2, size=SIZE)
+    model.train()(x, t, y)
+    assert (seen[0], seen[1], seen[3]) == (64, 16, 32)
+    reference = converted("dit", factor=2)
+    with torch.no_grad():
+        expected = reference(x, t, y)
+        for radius, same in ((100.0, True), (1.0, False)):
+            local = apply_local_attention(converted("dit", factor=2),
+                                          LocalAttentionConfig(radius=radius, blocks=[1, 2], backend="sdpa"))
+            assert torch.allclose(local(x, t, y), expected, atol=1e-5) == same
