@@ -14,6 +14,7 @@ results/local_attention.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -85,11 +86,13 @@ def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device,
 @torch.no_grad()
 def whole_model(tokens: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     side = int(math.isqrt(tokens)) * args.patch
+    torch.manual_seed(0)
+    with torch.device(device):  # built on the device: DiT-XL's initialisation is slow on the host
+        base = DiT(input_size=side, patch_size=args.patch, in_channels=4, hidden_size=args.width, depth=args.depth,
+                   num_heads=args.heads).eval()
     models = {}
     for name, rule in variants(args).items():
-        torch.manual_seed(0)
-        model = DiT(input_size=side, patch_size=args.patch, in_channels=4, hidden_size=args.width, depth=args.depth,
-                    num_heads=args.heads).to(device).eval()
+        model = copy.deepcopy(base)
         if rule:
             apply_local_attention(model, LocalAttentionConfig(backend=args.backend, **({"radius": None} | rule)))
         models[name] = model
@@ -114,7 +117,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, part in zip(axes, ("attention", "model")):
-        rows = payload["runs"]
+        rows = {n: run for n, run in payload["runs"].items() if part in run}
+        if not rows:
+            ax.set_visible(False)
+            continue
         names = list(next(iter(rows.values()))[part])
         for name in names:
             ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows], "o-", label=name)
@@ -144,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n", type=int, default=10, help="attention calls per timing")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--model-tokens", type=int, nargs="*", default=None,
+                        help="time the whole model at these token counts only (default: every --tokens)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "local_attention.json")
@@ -156,15 +164,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"environment": environment(), "config": vars(args) | {"out": str(args.out)}, "runs": {}}
     for tokens in args.tokens:
         run = {"attention": attention_alone(tokens, args, device, dtype)}
-        if not args.skip_model:
+        if not args.skip_model and (args.model_tokens is None or tokens in args.model_tokens):
             run["model"] = whole_model(tokens, args, device, dtype)
         payload["runs"][str(tokens)] = run
         for part, rows in run.items():
             for name, row in rows.items():
                 print(f"{tokens:>6} tokens  {part:<9} {name:<28} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x", flush=True)
         write_json(args.out, payload)  # what is measured so far survives a time limit
-    if not args.skip_model:
-        plot(payload, args.out.with_suffix(".png"))
+    plot(payload, args.out.with_suffix(".png"))
     return payload
 
 

@@ -78,6 +78,11 @@ def teacher_samples(model: torch.nn.Module, args: argparse.Namespace, device: to
     return torch.cat(images), torch.cat(labels)
 
 
+def _mean(rows: list[dict[str, float]]) -> dict[str, float] | None:
+    """Each loss part averaged over ``rows`` (one step's loss depends on its random times: compare means)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "step"} if rows else None
+
+
 def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Run the distillation; ``model``: distil this pretrained model in place (from code) instead of building
     one from --backbone, --preset, --image-size and --weights."""
@@ -140,6 +145,7 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
     summary = {"steps": step, "train_time_s": time.perf_counter() - began, "radius": args.radius,
                "pooled": args.pooled, "trained_parameters": sum(p.numel() for p in trained),
                "first": history[0] if history else None, "last": history[-1] if history else None,
+               "first_mean": _mean(history[:100]), "last_mean": _mean(history[-100:]),
                "weights": args.weights, "device": str(device)}
     write_json(summary, output / "summary.json")
     return summary

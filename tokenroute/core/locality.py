@@ -121,6 +121,17 @@ def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: 
     return pooled.reshape(b, h, -1, c)
 
 
+def _raise_recompile_limit(limit: int) -> None:
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 4 * limit))
+
+
 class LocalMasks:
     """Block masks by layout key (least recently used out, at most ``capacity``), and the compiled FlexAttention:
     owned by the method that uses them, not by the module."""
@@ -144,9 +155,13 @@ class LocalMasks:
         return value
 
     def flex(self) -> Any:
+        """FlexAttention compiled. Each block mask's mask function is a new closure, which the compiled kernel
+        guards on: the recompile limit is raised so that a model's many layouts (and a benchmark's many rules)
+        never push it back to the unfused eager path, which materialises the scores."""
         if self._flex is None:
             from torch.nn.attention.flex_attention import flex_attention
 
+            _raise_recompile_limit(256)
             self._flex = torch.compile(flex_attention, dynamic=False)
         return self._flex
 
@@ -167,8 +182,9 @@ class LocalMasks:
             q_image, k_kind = qc[0] >= 0, kc[0]
             return _allowed(q_image, k_kind, lambda: _near(qc, kc, **rule))
 
+        # compiled on CUDA: the eager path materialises the whole (Lq, Lkv) mask (32 GiB at 64K tokens)
         return create_block_mask(mask_mod, q_coords.shape[0] if batched else None, None, q_coords.shape[-2],
-                                 kv_coords.shape[-2], device=q_coords.device)
+                                 kv_coords.shape[-2], device=q_coords.device, _compile=q_coords.is_cuda)
 
 
 def block_sparsity(block_mask: Any) -> float:

@@ -218,8 +218,9 @@ class PatchRegistry:
         first = not self.patches
         patch.registry = self
         self.patches[patch.name] = patch
-        for name, module in patch.modules.items():
-            owner.add_module(name, module)
+        like = next((p for p in owner.parameters() if p.is_floating_point()), None)
+        for name, module in patch.modules.items():  # on the model's device and in its dtype, wherever it is now
+            owner.add_module(name, module if like is None else module.to(device=like.device, dtype=like.dtype))
         if first:
             self._install()
         self._rebuild(patches)

@@ -53,7 +53,7 @@ class TokenDensityConfig:
     every route without one: an int, a table ``[(from_timestep, factor), ...]`` or a function of the timestep;
     timestep_range: the timesteps the model is called with (a schedule outside it is refused); timestep_arg:
     the forward's argument carrying the timestep (default: found by name); merge, refine: the cross-attention
-    layers at the entry and exit; heads: theirs (default: width / 64); init: "identity" (start as the plain
+    layers at the entry and exit; heads: theirs (default: the most that keep 64 channels or more per head); init: "identity" (start as the plain
     pooled route) or "flexdit"; pooling_attention: ``{block: factor}``, blocks whose attention sees keys and values
     pooled by the factor; stack: the block container(s) where not found automatically."""
 
@@ -174,7 +174,7 @@ class TokenDensityPatch(Patch):
         if config.init not in ("identity", "flexdit"):
             raise RouteError(f"TokenDensityConfig.init={config.init!r} is not 'identity' or 'flexdit'")
         depth, dim = len(stack), stack.width()
-        heads = config.heads or max(1, dim // 64)
+        heads = config.heads or max(h for h in range(1, max(1, dim // 64) + 1) if dim % h == 0)  # heads of >= 64
         spans, schedules = [], []
         for entry in config.routes:
             if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
