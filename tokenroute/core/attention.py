@@ -135,14 +135,6 @@ class AttentionBranches:
                 f", which {self.title} does not combine yet; keep {self.title} off these blocks")
 
 
-def image_bounds(tokens: StreamTokens, length: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """Each position's grid place in an attention sequence of ``length`` (B, L; -1: not an image token), and the
-    numbers of tokens before and after the image tokens (contiguous in a whole sequence)."""
-    index = tokens.grid_index(length, device=device)
-    lead = int((index[0] >= 0).nonzero()[0])
-    return index, lead, length - lead - tokens.layout.image
-
-
 class PooledKeys:
     """Pooling attention (token density's bottom blocks): each chosen block's attention sees the keys and values of
     its image grid pooled d x d (``factors``: block -> d; the whole grid's side: one key, the mean of the values),
@@ -177,7 +169,7 @@ class PooledKeys:
         if len(grid) != 2 or grid[0] % d or grid[1] % d:
             raise RouteError(f"pooling attention in block {position}: a factor of {d} does not divide the grid "
                              f"{'x'.join(map(str, grid))}; choose one that divides both sides")
-        _, lead, trail = image_bounds(tokens, key.shape[-2], key.device)
+        lead, trail = tokens.image_span(key.shape[-2])
         length = key.shape[-2]
 
         def pooled(x: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,18 @@ class StreamTokens:
         return torch.cat([others, tokens] if layout.joint == "text_first" else [tokens, others], dim=1)
 
 
+    def image_span(self, size: int | None = None) -> tuple[int, int]:
+        """The numbers of tokens before and after the image tokens in an attention sequence of ``size`` (the
+        stream's, with joint attention's other tokens on the layout's ``joint`` side), where no route keeps a subset
+        of the tokens (the image tokens are then contiguous); read from the layout, no device work."""
+        layout = self.layout
+        if self.index is not None:
+            raise RouteError("the image tokens of a routed stream are not contiguous; they have no span")
+        others = 0 if size is None else size - layout.length
+        lead = layout.lead + (others if layout.joint == "text_first" else 0)
+        return lead, layout.length + others - lead - layout.image
+
+
 def register_input_packing(model_class: type | str, image_tokens: Callable[[dict[str, Any]], slice]) -> None:
     """Declare that ``model_class``'s forward receives other tokens packed into its image input:
     ``image_tokens(arguments)`` returns the slice of the input's tokens that are the image's own (the same for

@@ -140,6 +140,7 @@ class LocalMasks:
         self.capacity = capacity
         self.blocks: OrderedDict[Hashable, Any] = OrderedDict()
         self.orders: OrderedDict[Hashable, Any] = OrderedDict()  # tile orders of a sequence and their inverses
+        self.coords: OrderedDict[Hashable, Any] = OrderedDict()  # a layout's token coordinates on the grid
         self._flex: Any = None
 
     def cached(self, store: OrderedDict, key: Hashable | None, make: Any) -> Any:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.attention import AttentionBranches, image_bounds
+from ..core.attention import AttentionBranches
 from ..core.layout import StreamTokens
 from ..core.locality import LocalMasks, local_attention, pool_grid
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
@@ -115,20 +115,21 @@ class LocalAttentionPatch(Patch):
         """scaled_dot_product_attention's call (its parameter names), made local."""
         q, k, v = query, key, value
         self.attention.refuse_options(self.registry, position, q, k, attn_mask, dropout_p, is_causal, enable_gqa)
-        layout = tokens.layout
-        index = tokens.grid_index(q.shape[-2], device=q.device)
-        coords = _coords(index, grid)
+        layout, length = tokens.layout, q.shape[-2]
         cache_key = None
-        if coords.shape[0] == 1:  # one sequence's layout, shared by the batch: its block mask is cached
-            coords = coords[0]
-            cache_key = (tuple(grid), q.shape[-2], layout.lead, layout.joint, str(q.device))  # one rule per patch
+        if tokens.index is None:  # one sequence's layout, shared by the batch: coordinates and block mask cached
+            cache_key = (tuple(grid), length, layout.lead, layout.joint, str(q.device))  # one rule per patch
+            coords = self.masks.cached(self.masks.coords, cache_key,
+                                       lambda: _coords(tokens.grid_index(length, device=q.device), grid)[0])
+        else:  # a route's kept tokens, each sample's own
+            coords = _coords(tokens.grid_index(length, device=q.device), grid)
         extra = None
         if self.config.pooled:
             if tokens.index is not None:
                 raise RouteError("pooled keys and values need the whole grid; they do not run inside a route that "
                                  "keeps a subset of the tokens (end the route before these blocks, or pooled=None)")
             weights = self.modules["local_attention_pool"][str(position)]
-            _, lead, trail = image_bounds(tokens, q.shape[-2], q.device)
+            lead, trail = tokens.image_span(length)
             extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights),
                      pool_grid(v, grid, lead, trail, self.config.pooled, weights))
         return local_attention(q, k, v, coords, coords, radius=self.config.radius if self.config.tile is None else None,
