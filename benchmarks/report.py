@@ -81,6 +81,43 @@ def caching(path: Path = RESULTS / "caching.json") -> str:
     return "\n".join(rows)
 
 
+def local_attention(path: Path = RESULTS / "local_attention.json") -> str:
+    """Milliseconds and speed-up over dense attention, per token count, with each mask's block sparsity."""
+    data = json.loads(path.read_text())
+    rows = [f"{data['environment']['device']}, bf16, batch 1, forward (`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| image tokens | variant | attention ms | speed-up | block sparsity | DiT-XL forward ms | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for tokens, run in data["runs"].items():
+        for name, a in run["attention"].items():
+            m = run.get("model", {}).get(name)
+            sparsity = "" if a["block_sparsity"] is None else f"{a['block_sparsity']:.1%}"
+            model = f"{m['ms']:.1f} | {m['speedup']:.2f}x" if m else "- | -"
+            rows.append(f"| {tokens} | {name} | {a['ms']:.3f} | {a['speedup']:.2f}x | {sparsity} | {model} |")
+    return "\n".join(rows)
+
+
+def local_attention_quality(path: Path = RESULTS / "local_attention_quality.json") -> str:
+    data = json.loads(path.read_text())
+    rows = [f"{data['environment']['device']}, FID of {data['config']['fid_samples']} samples on {data['fid_features']} "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| variant | FID | over the teacher's | samples recognised as their class |", "| --- | --- | --- | --- |"]
+    for name, v in data["variants"].items():
+        rows.append(f"| {name} | {v['fid']:.2f} | {v['fid_over_teacher']:.2f}x | {v['class_accuracy']:.1%} |")
+    return "\n".join(rows)
+
+
+def token_density(path: Path = RESULTS / "token_density.json") -> str:
+    data = json.loads(path.read_text())
+    rows = [f"{data['environment']['device']}, {data['config']['steps']} Euler steps, batch {data['config']['batch']}, FID of "
+            f"{data['config']['fid_samples']} samples on {data['fid_features']} "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| variant | images/s | throughput | FLOPs | FID |", "| --- | --- | --- | --- | --- |"]
+    for name, v in data["variants"].items():
+        rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['throughput_speedup']:.2f}x | {v['flops_share']:.0%} | "
+                    f"{v['fid']:.2f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print(throughput())
     print()
@@ -95,3 +132,10 @@ if __name__ == "__main__":
     print(caching())
     print()
     print(caching(RESULTS / "caching_diffusers.json"))
+    for part in (local_attention, local_attention_quality, token_density):
+        try:
+            text = part()
+        except FileNotFoundError as err:
+            text = f"({part.__name__}: no results yet: {err.filename})"
+        print()
+        print(text)
