@@ -117,7 +117,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, part in zip(axes, ("attention", "model")):
-        rows = {n: run for n, run in payload["runs"].items() if part in run}
+        rows = {n: run for n, run in sorted(payload["runs"].items(), key=lambda item: int(item[0])) if part in run}
         if not rows:
             ax.set_visible(False)
             continue

@@ -45,8 +45,10 @@ TEACHER = pretrained.NAME + "-64"
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The local rules measured: radius r alone and with pooled d x d keys and values."""
-    return {f"radius {args.radius:g}": dict(radius=args.radius),
-            f"radius {args.radius:g}, pooled {args.pooled}x{args.pooled}": dict(radius=args.radius, pooled=args.pooled)}
+    out = {f"radius {args.radius:g}": dict(radius=args.radius)}
+    if args.pooled:
+        out[f"radius {args.radius:g}, pooled {args.pooled}x{args.pooled}"] = dict(radius=args.radius, pooled=args.pooled)
+    return out
 
 
 def teacher(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--radius", type=float, default=8.0)
-    parser.add_argument("--pooled", type=int, default=4)
+    parser.add_argument("--pooled", type=int, default=4, help="d of the pooled variant; 0: measure radius alone")
     parser.add_argument("--pretrain-minutes", type=float, default=4.0, help="for the pretrained model, if missing")
     parser.add_argument("--finetune-minutes", type=float, default=3.0, help="for the teacher, if missing")
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
