@@ -149,7 +149,7 @@ class ConcreteTracer(fx.Tracer):
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
             if kind == "call_module":
-                return self.root.get_submodule(target)(*args, **kwargs)
+                return _run_module(self.root.get_submodule(target), args, kwargs)
         raise TraceError(f"unexpected node kind {kind}")
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
@@ -208,6 +208,24 @@ class ConcreteTracer(fx.Tracer):
                 return self.trace(root)
         finally:
             _restore_stored_tensors(root, before)
+
+
+def _run_module(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run a leaf module on fake values. A module sharded by FSDP2 holds its parameters as DTensor shards and
+    gathers them in a pre-forward hook, a collective that must not run on fake values: it runs its forward
+    without hooks, on fake parameters of the full shape."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed: nothing is sharded
+        return module(*args, **kwargs)
+    sharded = {name: p for name, p in module.named_parameters() if isinstance(p, DTensor)}
+    if not sharded:
+        return module(*args, **kwargs)
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    full = {name: torch.empty(p.shape, dtype=p.dtype, device=p.device) for name, p in sharded.items()}
+    with _reparametrize_module(module, full):
+        return module.forward(*args, **kwargs)
 
 
 def _stored_values(root: torch.nn.Module) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
