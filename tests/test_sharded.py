@@ -5,7 +5,7 @@ gathered checkpoint loads into the plain backbone."""
 from __future__ import annotations
 
 import os
-import socket
+import itertools
 
 import pytest
 import torch
@@ -18,23 +18,19 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 STEPS, WORLD = 3, 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train(rank: int, port: int, sharded: bool, out: str) -> None:
-    """A few steps of a wrapped tiny DiT; sharded: FSDP2 on every block and the root, else the whole model on
-    each rank with its gradients averaged (what DDP does)."""
+def train(rank: int, rendezvous: str, sharded: bool, out: str, steps: tuple[int, int] = (0, STEPS),
+          resume: str | None = None) -> None:
+    """Steps ``steps[0]..steps[1]`` of a wrapped tiny DiT; sharded: FSDP2 on every block and the root, else the
+    whole model on each rank with its gradients averaged (what DDP does). ``resume``: the name of a sharded run's
+    saved state (full model and optimizer state dicts, each rank's routing state) to continue from; a sharded run
+    saves its state at its end."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     import tokenroute
     from tokenroute.training import mask_checksum
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = tokenroute.wrap(make_backbone("dit", depth=4, size=16), routes=[(1, 2, 0.5)], seed=0)
@@ -45,8 +41,17 @@ def train(rank: int, port: int, sharded: bool, out: str) -> None:
                 fully_shard(block)
             fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if resume is not None:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            saved = torch.load(os.path.join(out, f"{resume}{rank}.pt"), weights_only=False)  # rank 0 holds the
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # gathered states
+            set_model_state_dict(model, saved["state"] if rank == 0 else {}, options=options)
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"] if rank == 0 else {}, options=options)
+            tokenroute.load_routing_state_dict(model, saved["routing"])  # each rank its own
         losses, checksums = [], []
-        for step in range(STEPS):
+        for step in range(*steps):
             x, t, y = backbone_inputs(2, seed=100 * step + rank, size=16)
             loss = model(x, t, y).square().mean()
             checksums.append(int(mask_checksum(tokenroute.routing_masks(model))))
@@ -58,27 +63,36 @@ def train(rank: int, port: int, sharded: bool, out: str) -> None:
                     p.grad /= WORLD
             optimizer.step()
             losses.append(float(loss.detach()))
-        state = None
+        state = optimizer_state = None
         if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
 
-            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(model, options=options)
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        routing = tokenroute.routing_state_dict(model)
         x, t, y = backbone_inputs(2, seed=999, size=16)
         with torch.no_grad():
             output = model.eval()(x, t, y)
-        torch.save({"losses": losses, "checksums": checksums, "state": state, "output": output},
-                   os.path.join(out, f"{'fsdp' if sharded else 'plain'}{rank}.pt"))
+        name = ("fsdp" if sharded else "plain") + ("" if steps == (0, STEPS) else f"_{steps[0]}_{steps[1]}")
+        torch.save({"losses": losses, "checksums": checksums, "state": state, "optimizer": optimizer_state,
+                    "routing": routing, "output": output}, os.path.join(out, f"{name}{rank}.pt"))
     finally:
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sharded"))
+    rendezvous = (os.path.join(out, f"rendezvous{i}") for i in itertools.count())  # a file store: no ports
     for sharded in (False, True):
-        mp.spawn(train, args=(free_port(), sharded, out), nprocs=WORLD)
+        mp.spawn(train, args=(next(rendezvous), sharded, out), nprocs=WORLD)
+    mp.spawn(train, args=(next(rendezvous), True, out, (0, 1)), nprocs=WORLD)  # stopped after a step, then resumed
+    mp.spawn(train, args=(next(rendezvous), True, out, (1, STEPS), "fsdp_0_1"), nprocs=WORLD)
     return {name: [torch.load(os.path.join(out, f"{name}{r}.pt"), weights_only=False) for r in range(WORLD)]
-            for name in ("plain", "fsdp")}
+            for name in ("plain", "fsdp", "fsdp_0_1", f"fsdp_1_{STEPS}")}
 
 
 def test_fsdp2_trains_as_the_unsharded_model_with_each_rank_its_own_masks(runs):
@@ -96,3 +110,11 @@ def test_the_gathered_checkpoint_loads_into_the_plain_backbone(runs):
     x, t, y = backbone_inputs(2, seed=999, size=16)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x, t, y), runs["fsdp"][0]["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_run_resumed_from_its_saved_state_continues_exactly(runs):
+    """Stopped after one step (full model and optimizer state gathered, each rank's routing state) and resumed in
+    a new process group: the same losses and masks as the run straight through, per rank."""
+    for straight, first, rest in zip(runs["fsdp"], runs["fsdp_0_1"], runs[f"fsdp_1_{STEPS}"]):
+        assert first["losses"] + rest["losses"] == straight["losses"]
+        assert first["checksums"] + rest["checksums"] == straight["checksums"]
