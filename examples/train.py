@@ -25,7 +25,8 @@ import torch.nn as nn
 import tokenroute
 from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLASSES, PRESET_DEFAULTS, PRESET_NAMES,
                                  DataError, LossLog, Progress, StepBatches, build_model, drop_labels, format_routes,
-                                 latest_checkpoint, load_fashion_mnist, load_weights, locate_fashion_mnist, mae_term,
+                                 full_optimizer_state, full_state_dict, latest_checkpoint, load_fashion_mnist,
+                                 load_full_optimizer_state, load_full_state_dict, load_weights, locate_fashion_mnist, mae_term,
                                  make_task, mask_checksum, mixed_precision, model_config, pad_images, parse_routes,
                                  prune_checkpoints, run_config, run_facts, sample_images, save_grid, save_loss_plot,
                                  save_weights, stack_depth, step_generator, to_model_range, tread_routes, write_json)
@@ -276,9 +277,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for key in ("batch_size", "seed", "lr", "loss_mode"):
             if saved[key] != getattr(args, key):
                 say(f"--resume: --{key.replace('_', '-')} changed from {saved[key]} to {getattr(args, key)}")
-        net.load_state_dict(load_weights(checkpoint / "model.safetensors"))
+        load_full_state_dict(net, load_weights(checkpoint / "model.safetensors"))  # sharded or not
         ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(net, optimizer, state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         rank_file = checkpoint / f"rank{rank}.pt"
         if state.get("world_size") != world or not rank_file.exists():
@@ -350,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
+        model_state, optimizer_state = full_state_dict(net), full_optimizer_state(net, optimizer)  # every rank
         torch.save({"routing": tokenroute.routing_state_dict(net) if routed else None,
                     "ema_routing": tokenroute.routing_state_dict(ema.module) if rg is not None else None,
                     "torch_rng": torch.get_rng_state(),
@@ -357,13 +359,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    tmp / f"rank{rank}.pt")
         if main_process:
             meta = {"backbone": args.backbone, "preset": args.preset, "step": str(step)}
-            save_weights(net.state_dict(), tmp / "model.safetensors", meta)
+            save_weights(model_state, tmp / "model.safetensors", meta)
             save_weights(ema.state_dict(), tmp / "ema.safetensors", meta)
             write_json({"backbone": args.backbone, "preset": args.preset,
                         "model_config": model_config(args.backbone, args.preset),
                         "routes": format_routes(routes), "objective": args.objective, "step": step},
                        tmp / "config.json")
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            torch.save({"step": step, "optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                         "args": run_config(args, routes), "world_size": world},
                        tmp / "training_state.pt")
         accelerator.wait_for_everyone()

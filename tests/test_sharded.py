@@ -28,12 +28,14 @@ def train(rank: int, rendezvous: str, sharded: bool, out: str, steps: tuple[int,
 
     sys.path.insert(0, os.path.dirname(__file__))
     import tokenroute
-    from tokenroute.training import mask_checksum
+    from tokenroute.training import (EMA, full_optimizer_state, full_state_dict, load_full_optimizer_state,
+                                     load_full_state_dict, mask_checksum)
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = tokenroute.wrap(make_backbone("dit", depth=4, size=16), routes=[(1, 2, 0.5)], seed=0)
+        ema = EMA(model, decay=0.9)  # before sharding: a whole copy
         if sharded:
             from torch.distributed.fsdp import fully_shard
 
@@ -42,13 +44,11 @@ def train(rank: int, rendezvous: str, sharded: bool, out: str, steps: tuple[int,
             fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         if resume is not None:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            saved = torch.load(os.path.join(out, f"{resume}{rank}.pt"), weights_only=False)  # rank 0 holds the
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # gathered states
-            set_model_state_dict(model, saved["state"] if rank == 0 else {}, options=options)
-            set_optimizer_state_dict(model, optimizer, saved["optimizer"] if rank == 0 else {}, options=options)
+            saved = torch.load(os.path.join(out, f"{resume}{rank}.pt"), weights_only=False)
+            first = torch.load(os.path.join(out, f"{resume}0.pt"), weights_only=False)  # rank 0 holds the whole
+            load_full_state_dict(model, first["state"])
+            load_full_optimizer_state(model, optimizer, first["optimizer"])
+            ema.load_state_dict(first["ema"])
             tokenroute.load_routing_state_dict(model, saved["routing"])  # each rank its own
         losses, checksums = [], []
         for step in range(*steps):
@@ -62,22 +62,16 @@ def train(rank: int, rendezvous: str, sharded: bool, out: str, steps: tuple[int,
                     dist.all_reduce(p.grad)
                     p.grad /= WORLD
             optimizer.step()
+            ema.update(model, step)
             losses.append(float(loss.detach()))
-        state = optimizer_state = None
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(model, options=options)
-            optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        state, optimizer_state = full_state_dict(model), full_optimizer_state(model, optimizer)
         routing = tokenroute.routing_state_dict(model)
         x, t, y = backbone_inputs(2, seed=999, size=16)
         with torch.no_grad():
             output = model.eval()(x, t, y)
         name = ("fsdp" if sharded else "plain") + ("" if steps == (0, STEPS) else f"_{steps[0]}_{steps[1]}")
         torch.save({"losses": losses, "checksums": checksums, "state": state, "optimizer": optimizer_state,
-                    "routing": routing, "output": output}, os.path.join(out, f"{name}{rank}.pt"))
+                    "ema": ema.state_dict(), "routing": routing, "output": output}, os.path.join(out, f"{name}{rank}.pt"))
     finally:
         dist.barrier()  # neither rank tears the group down while the other still talks to it
         dist.destroy_process_group()
@@ -96,9 +90,11 @@ def runs(tmp_path_factory):
 
 
 def test_fsdp2_trains_as_the_unsharded_model_with_each_rank_its_own_masks(runs):
+    """The same losses and masks per rank, and the same EMA (kept whole, updated from the gathered shards)."""
     for plain, fsdp in zip(runs["plain"], runs["fsdp"]):
         torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-6)
         assert fsdp["checksums"] == plain["checksums"]
+        torch.testing.assert_close(fsdp["ema"], plain["ema"], rtol=1e-5, atol=1e-6)
     assert runs["fsdp"][0]["checksums"] != runs["fsdp"][1]["checksums"]
 
 
@@ -118,3 +114,4 @@ def test_a_sharded_run_resumed_from_its_saved_state_continues_exactly(runs):
     for straight, first, rest in zip(runs["fsdp"], runs["fsdp_0_1"], runs[f"fsdp_1_{STEPS}"]):
         assert first["losses"] + rest["losses"] == straight["losses"]
         assert first["checksums"] + rest["checksums"] == straight["checksums"]
+        assert all(torch.equal(rest["ema"][k], straight["ema"][k]) for k in straight["ema"])

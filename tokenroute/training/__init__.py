@@ -12,7 +12,8 @@ needed (``pip install 'tokenroute[train]'``).
 
 from __future__ import annotations
 
-from .checkpoints import checkpoint_dirs, latest_checkpoint, load_weights, prune_checkpoints, save_weights
+from .checkpoints import (checkpoint_dirs, full_optimizer_state, full_state_dict, is_sharded, latest_checkpoint,
+                          load_full_optimizer_state, load_full_state_dict, load_weights, prune_checkpoints, save_weights)
 from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLITS, DataError, StepBatches,
                    load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, step_generator, to_model_range,
                    write_idx, write_synthetic_fashion_mnist)
@@ -52,10 +53,15 @@ __all__ = [
     "environment",
     "flow_euler_sampler",
     "format_routes",
+    "full_optimizer_state",
+    "full_state_dict",
     "image_grid",
+    "is_sharded",
     "jsonable",
     "latest_checkpoint",
     "load_fashion_mnist",
+    "load_full_optimizer_state",
+    "load_full_state_dict",
     "load_weights",
     "locate_fashion_mnist",
     "mae_term",

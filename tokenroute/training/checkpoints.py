@@ -1,6 +1,9 @@
 """Checkpoint folders: OUTPUT/checkpoints/step_NNNNNNN/ with safetensors weights beside the training state.
 
-safetensors is imported when weights are saved or loaded.
+safetensors is imported when weights are saved or loaded. A model sharded by FSDP2 (its parameters DTensors) saves
+and loads through the full state dicts: ``full_state_dict`` gathers the model's (every rank calls it; rank 0
+receives it), ``load_full_state_dict`` spreads rank 0's back to the shards, and the optimizer's likewise, so a
+checkpoint is the plain backbone's whatever the sharding.
 """
 
 from __future__ import annotations
@@ -11,7 +14,64 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["checkpoint_dirs", "latest_checkpoint", "load_weights", "prune_checkpoints", "save_weights"]
+__all__ = ["checkpoint_dirs", "full_optimizer_state", "full_state_dict", "is_sharded", "latest_checkpoint",
+           "load_full_optimizer_state", "load_full_state_dict", "load_weights", "prune_checkpoints", "save_weights"]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any of the model's parameters is a DTensor shard (FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_options(load: bool) -> object:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if load else \
+        StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict: gathered from the shards to rank 0 when sharded (a collective: call it on
+    every rank; the other ranks get an empty dict), else ``model.state_dict()``."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(load=False))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict (strict): into the shards from rank 0's ``state`` when sharded (every rank calls
+    it), else ``model.load_state_dict``."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full_options(load=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state (by parameter name when sharded, gathered to rank 0; a collective)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options(load=False))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what ``full_optimizer_state`` gave (rank 0's, spread to the shards when sharded)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_full_options(load=True))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,

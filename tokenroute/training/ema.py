@@ -15,7 +15,8 @@ class EMA:
 
     The decay warms up as min(decay, (1 + step) / (10 + step)), so short runs still average sensibly and a
     resumed run gets the same decay at the same step. Make it before `tokenroute.wrap`: the copy is then
-    a plain backbone; its state_dict keys are the model's either way.
+    a plain backbone; its state_dict keys are the model's either way. Make it before sharding too (FSDP2): the copy
+    stays whole, and each update gathers the shards (every rank updates).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
@@ -31,7 +32,7 @@ class EMA:
         """Move the average towards `model`'s parameters; buffers are copied as they are."""
         decay = self.current_decay(step)
         ema_params = [p for p in self.module.parameters()]
-        params = [p.detach() for p in model.parameters()]
+        params = [_whole(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
@@ -41,3 +42,10 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor: a DTensor shard (FSDP2) gathered whole (a collective: every rank updates its
+    EMA), anything else as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor
