@@ -24,9 +24,10 @@ import tokenroute
 from tokenroute.losses import EpsilonPrediction, combine
 from tokenroute.sampling import guided_prediction
 from tokenroute.training import (DEFAULT_DATA_DIR, EMA, IMAGE_SIZE, NUM_CLASSES, DataError, LossLog, Progress,
-                                 StepBatches, class_labels, format_routes, load_fashion_mnist, locate_fashion_mnist,
-                                 mask_checksum, mixed_precision, pad_images, parse_routes, run_facts, save_grid,
-                                 save_loss_plot, step_generator, to_model_range, tread_routes, write_json)
+                                 StepBatches, class_labels, format_routes, full_state_dict, is_sharded,
+                                 load_fashion_mnist, locate_fashion_mnist, mask_checksum, mixed_precision, pad_images,
+                                 parse_routes, run_facts, save_grid, save_loss_plot, step_generator, to_model_range,
+                                 tread_routes, write_json)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -167,10 +168,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
+    # as diffusers' scripts do: save and sample the EMA weights; without an EMA, the model's, gathered to the main
+    # process where FSDP2 shards them (every process takes part)
+    weights = ema.state_dict() if ema is not None else full_state_dict(net)
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
-        if ema is not None:  # as diffusers' scripts do: save and sample the EMA weights
-            transformer.load_state_dict(ema.state_dict())
+        if is_sharded(transformer):  # a whole copy to save and sample, routed as the model is
+            transformer = DiTTransformer2DModel.from_config(transformer.config).to(device)
+            transformer = tokenroute.wrap(transformer, routes=routes, seed=args.seed) if routes else transformer
+        transformer.load_state_dict(weights)
         transformer.save_pretrained(out_dir / "transformer")  # routed or not: the plain model's weights and config
         noise_scheduler.save_pretrained(out_dir / "scheduler")
 

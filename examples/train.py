@@ -26,7 +26,8 @@ import tokenroute
 from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLASSES, PRESET_DEFAULTS, PRESET_NAMES,
                                  DataError, LossLog, Progress, StepBatches, build_model, drop_labels, format_routes,
                                  full_optimizer_state, full_state_dict, latest_checkpoint, load_fashion_mnist,
-                                 load_full_optimizer_state, load_full_state_dict, load_weights, locate_fashion_mnist, mae_term,
+                                 load_full_optimizer_state, load_full_state_dict, load_weights, locate_fashion_mnist,
+                                 mae_term,
                                  make_task, mask_checksum, mixed_precision, model_config, pad_images, parse_routes,
                                  prune_checkpoints, run_config, run_facts, sample_images, save_grid, save_loss_plot,
                                  save_weights, stack_depth, step_generator, to_model_range, tread_routes, write_json)
