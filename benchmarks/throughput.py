@@ -14,6 +14,10 @@ over repetitions:
     python benchmarks/throughput.py                 # GPU: DiT-B/2, DiT-XL/2, U-ViT-M/2, Mamba-B/2
     python benchmarks/throughput.py --compile       # the same under torch.compile
     python benchmarks/throughput.py --smoke         # CPU, tiny models, seconds
+    python benchmarks/throughput.py --largest-batch 4096   # also each variant at its own largest batch
+
+Every step runs with fused AdamW (what a performance-minded user runs) and with the unfused one
+(``--optimizer``); ``--largest-batch`` adds each variant's largest batch that fits, timed there, with peak memory.
 """
 
 from __future__ import annotations
@@ -113,7 +117,71 @@ def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[s
     return flops
 
 
-def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: int, compile_: bool) -> dict[str, Any]:
+def fits(step: Callable[[], None], device: torch.device) -> bool:
+    """Whether one training step runs without running out of GPU memory (what it allocated is freed either way)."""
+    try:
+        step()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def largest_batch(step_at: Callable[[int], Callable[[], None]], start: int, cap: int, device: torch.device) -> int:
+    """The largest batch (up to ``cap``) whose training step fits: doubling from ``start``, then bisecting."""
+    if start > cap:
+        raise SystemExit(f"--largest-batch {cap} is below the configured batch {start}; give a larger cap")
+    low, high = 0, None
+    batch = start
+    while batch <= cap:
+        if fits(step_at(batch), device):
+            low, batch = batch, batch * 2
+        else:
+            high = batch
+            break
+    if low == 0:
+        raise SystemExit(f"a batch of {start} does not fit; start lower")
+    high = high or min(batch, cap + 1)
+    while high - low > max(1, low // 16):  # to within about 6%
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(step_at(middle), device) else (low, middle)
+    return low
+
+
+def own_largest_batches(variants: dict[str, tuple[Callable[..., torch.Tensor], Any, torch.nn.Module]], start: int,
+                        device: torch.device, steps: int, warmup: int, reps: int, cap: int) -> dict[str, Any]:
+    """Each variant (name: forward, optimizer, model) at its own largest batch, from ``start`` up to ``cap``
+    (routing frees memory: the gain a user gets): images/s and peak memory, variants interleaved, medians."""
+    autocast = device.type == "cuda"
+    chosen, step_fns = {}, {}
+    for name, (forward, optimizer, model) in variants.items():
+        def step_at(batch: int) -> Callable[[], None]:
+            return make_step(forward, optimizer, random_inputs(model, batch, device), autocast)
+        chosen[name] = largest_batch(step_at, start, cap, device)
+        step_fns[name] = step_at(chosen[name])
+    for fn in step_fns.values():
+        for _ in range(warmup):
+            fn()
+    timer = Timer(device)
+    times: dict[str, list[float]] = {k: [] for k in step_fns}
+    peak: dict[str, int] = {k: 0 for k in step_fns}
+    for _ in range(reps):
+        for name, fn in step_fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(timer(fn, steps))
+            if device.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    return {name: {"batch": chosen[name], "ms_per_step": median(times[name]),
+                   "images_per_s": chosen[name] * 1000 / median(times[name]), "peak_memory_gib": peak[name] / 2**30}
+            for name in step_fns}
+
+
+def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: int, compile_: bool,
+          fused: bool = False, batch_cap: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = config.build().to(device).train()
     masked = copy.deepcopy(model)
@@ -121,8 +189,8 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
     decoder = 2 if isinstance(masked, UViT) else tokenroute.Decoder(depth=2)  # U-ViT: its last 2 blocks decode
     tokenroute.mask(masked, 0.5, decoder=decoder, seed=0)
     masked.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    masked_optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    masked_optimizer = torch.optim.AdamW(masked.parameters(), lr=1e-4, fused=fused)
     inputs = random_inputs(model, config.batch, device)
     fns = forwards(model, config.routes, compile_)
     fns["masked"] = torch.compile(masked) if compile_ else masked
@@ -151,6 +219,7 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
     achieved = ms["unwrapped"] / ms["routed"]
     result = {
         "model": config.name, "batch": config.batch, "routes": config.routes, "compile": compile_,
+        "optimizer": "AdamW, fused" if fused else "AdamW",
         "tokens": model.x_embedder.num_patches if hasattr(model, "x_embedder") else model.patch_embed.num_patches,
         "variants": {k: {"ms_per_step": ms[k], "images_per_s": config.batch * 1000 / ms[k],
                          "peak_memory_gib": peak[k] / 2**30, "flops_per_step": flops[k],
@@ -164,6 +233,10 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         "masked_ideal_speedup": flops["unwrapped"] / flops["masked"],
         "masked_speedup": ms["unwrapped"] / ms["masked"],
     }
+    if batch_cap:
+        result["own_largest_batch"] = own_largest_batches(
+            {"unwrapped": (fns["unwrapped"], optimizer, model), "routed": (fns["routed"], optimizer, model),
+             "masked": (fns["masked"], masked_optimizer, masked)}, config.batch, device, steps, warmup, reps, batch_cap)
     del model, masked, optimizer, masked_optimizer, fns, steps_fn
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -200,7 +273,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.bar(i + len(VARIANTS) * width, r["ideal_speedup"], width, color="none", edgecolor="k", hatch="//",
                label="FLOP ideal" if i == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))],
-                  [f"{r['model']}\nbatch {r['batch']}{' compiled' if r['compile'] else ''}" for r in results])
+                  [f"{r['model']}\nbatch {r['batch']}{' compiled' if r['compile'] else ''}"
+                   f"{' fused' if 'fused' in r.get('optimizer', '') else ''}" for r in results])
     ax.set_ylabel("training-step speed-up over unwrapped")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend(fontsize=8, loc="upper left")
@@ -218,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--optimizer", choices=("fused", "unfused", "both"), default="both",
+                        help="AdamW(fused=True), the one a performance-minded user runs, the unfused one, or both")
+    parser.add_argument("--largest-batch", type=int, default=None, metavar="CAP",
+                        help="also find each variant's largest batch (up to CAP) and time it there")
     args = parser.parse_args(argv)
 
     device = bench_device(cpu=args.smoke)
@@ -232,24 +310,25 @@ def main(argv: list[str] | None = None) -> None:
     out = args.output or RESULTS / ("throughput_smoke.json" if args.smoke else "throughput.json")
     payload = {"benchmark": "throughput", "environment": environment(),
                "config": {"steps_per_repetition": steps, "repetitions": reps, "warmup_steps": warmup,
-                          "autocast": "bf16" if device.type == "cuda" else None, "optimizer": "AdamW lr 1e-4",
+                          "autocast": "bf16" if device.type == "cuda" else None,
+                          "optimizer": f"AdamW lr 1e-4 ({args.optimizer})", "largest_batch_cap": args.largest_batch,
                           "tf32": device.type == "cuda"},
                "targets": TARGETS,
                "results": []}
     modes = [True] if args.compile_only else [False, True] if args.compile else [False]
-    for compile_ in modes:
-        for config in configs:
-            r = bench(config, device, steps, warmup, reps, compile_)
-            r["meets_targets"] = meets_targets(r)
-            payload["results"].append(r)
-            write_json(out, payload)  # after every model: a run cut short keeps what it measured
-            v = r["variants"]
-            print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} batch {r['batch']}: "
-                  + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
-                  + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
-                  f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
-                  f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}; masked {r['masked_speedup']:.2f}x "
-                  f"(ideal {r['masked_ideal_speedup']:.2f}x)", flush=True)
+    optimizers = {"fused": [True], "unfused": [False], "both": [False, True]}[args.optimizer]
+    for compile_, fused, config in ((c, f, m) for c in modes for f in optimizers for m in configs):
+        r = bench(config, device, steps, warmup, reps, compile_, fused, args.largest_batch)
+        r["meets_targets"] = meets_targets(r)
+        payload["results"].append(r)
+        write_json(out, payload)  # after every model: a run cut short keeps what it measured
+        v = r["variants"]
+        print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} {r['optimizer']:>12} batch {r['batch']}: "
+              + "  ".join(f"{k} {v[k]['ms_per_step']:.1f} ms" for k in VARIANTS)
+              + f"  | ideal {r['ideal_speedup']:.2f}x achieved {r['achieved_speedup']:.2f}x "
+              f"({r['achieved_over_ideal']:.2f} of ideal), routed/handwritten {r['routed_over_handwritten_time']:.3f}, "
+              f"wrapped_off/unwrapped {r['wrapped_off_over_unwrapped_time']:.3f}; masked {r['masked_speedup']:.2f}x "
+              f"(ideal {r['masked_ideal_speedup']:.2f}x)", flush=True)
     plot(payload["results"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenroute.training import write_synthetic_fashion_mnist
 
@@ -48,11 +50,17 @@ def is_png(path: Path) -> bool:
 def test_throughput_smoke(tmp_path):
     import throughput
     out = tmp_path / "throughput_smoke.json"
-    throughput.main(["--smoke", "--output", str(out), "--steps", "1", "--reps", "1", "--warmup", "1"])
+    throughput.main(["--smoke", "--output", str(out), "--steps", "1", "--reps", "1", "--warmup", "1",
+                     "--largest-batch", "16"])
     payload = json.loads(out.read_text())
     env = payload["environment"]
     assert env["device"] and env["torch"] == torch.__version__
-    assert len(payload["results"]) == len(throughput.SMOKE_CONFIGS)
+    assert len(payload["results"]) == 2 * len(throughput.SMOKE_CONFIGS)  # unfused and fused AdamW
+    assert sorted(r["optimizer"] for r in payload["results"]).count("AdamW, fused") == len(throughput.SMOKE_CONFIGS)
+    for result in payload["results"]:  # nothing runs out of memory on the CPU: every variant reaches the cap
+        own = result["own_largest_batch"]
+        assert set(own) == {"unwrapped", "routed", "masked"}
+        assert all(row["batch"] == 16 and row["images_per_s"] > 0 for row in own.values())
     for result in payload["results"]:
         assert set(result["variants"]) == set(throughput.VARIANTS)
         for figures in result["variants"].values():
@@ -316,3 +324,21 @@ def test_token_density_benchmark_smoke(fid, data_dir, tmp_path, monkeypatch):
     assert set(payload["start_difference"]) == {"factor 2", "factor 2, FlexDiT's start", "schedule"}
     assert payload["start_difference"]["factor 2"] < payload["start_difference"]["factor 2, FlexDiT's start"]
     assert payload["finetune_share_of_pretraining"] <= 0.1 and is_png(out.with_suffix(".png"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(limit=st.integers(8, 5000), start=st.integers(1, 8), cap=st.integers(8, 6000))
+def test_largest_batch_finds_what_fits_to_within_six_percent(limit, start, cap):
+    """A step that runs out of memory above ``limit``: the search returns a batch that fits, at most the cap,
+    and within about 6% of the largest that fits."""
+    import throughput
+
+    def step_at(batch):
+        def step():
+            if batch > limit:
+                raise torch.OutOfMemoryError("out of memory")
+        return step
+
+    found = throughput.largest_batch(step_at, start, cap, torch.device("cpu"))
+    best = min(limit, cap)
+    assert found <= best and found >= best - max(1, best // 16) - 1
