@@ -156,9 +156,9 @@ class LocalMasks:
         return value
 
     def flex(self) -> Any:
-        """FlexAttention compiled. Each block mask's mask function is a new closure, which the compiled kernel
-        guards on: the recompile limit is raised so that a model's many layouts (and a benchmark's many rules)
-        never push it back to the unfused eager path, which materialises the scores."""
+        """FlexAttention compiled. It compiles once per rule, sequence length and autocast state: the recompile
+        limit (8 by default) is raised so that a model's many layouts, or a benchmark's many rules, never push it
+        back to the unfused eager path, which materialises the scores."""
         if self._flex is None:
             from torch.nn.attention.flex_attention import flex_attention
 
