@@ -111,3 +111,20 @@ def test_joint_sequences_and_unknown_sides():
     last = StreamTokens(TokenLayout(6, 1, 4, (2, 2), joint="text_last")).grid_index(9)
     assert first.tolist() == [[-1, -1, -1, -1, 0, 1, 2, 3, -1]]
     assert last.tolist() == [[-1, 0, 1, 2, 3, -1, -1, -1, -1]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.integers(0, 3), image=st.integers(1, 6), trail=st.integers(0, 3), others=st.integers(0, 4),
+       joint=st.sampled_from(["text_first", "text_last"]))
+def test_the_image_span_read_from_the_layout_is_where_the_grid_index_puts_the_image(lead, image, trail, others,
+                                                                                     joint):
+    """In an attention sequence of the stream and ``others`` joint tokens on the ``joint`` side, the tokens before
+    and after the image tokens, read from the layout alone, are those the grid index marks."""
+    from tokenroute.core import StreamTokens, TokenLayout
+
+    tokens = StreamTokens(TokenLayout(lead + image + trail, lead, image, (1, image), {}, joint))
+    size = lead + image + trail + others
+    index = tokens.grid_index(size)[0]
+    before = int((index >= 0).nonzero()[0])
+    assert tokens.image_span(size) == (before, size - before - image)
+    assert torch.equal(index[before: before + image], torch.arange(image))
