@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget", type=float, default=0.1, help="fine-tuning steps, as a share of pretraining's")
     parser.add_argument("--finetune-batch", type=int, default=256)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--finetune-times", choices=("shared", "grouped"), default="shared",
+                        help="the schedule's fine-tune: one time per batch, or per sample with a forward per factor")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--fid-samples", type=int, default=10_000)
@@ -137,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finetune_steps = max(1, int(args.budget * model_facts["steps"]))
     common = [f"--routes={args.routes}", f"--steps={finetune_steps}", f"--batch-size={args.finetune_batch}",
               f"--lr={args.finetune_lr}", f"--checkpoint-every={finetune_steps}", f"--image-size={size}",
+              f"--times={args.finetune_times}",
               "--keep-checkpoints=1"] + (["--cpu"] if device.type == "cpu" else []) + \
         ([f"--data-dir={args.data_dir}"] if args.data_dir else [])
 

@@ -6,8 +6,9 @@ its merge and refine layers with the rest of the model.
     python examples/finetune_token_density.py ... --resume        # continue from --output's latest checkpoint
 
 Each step draws a batch of Fashion-MNIST images (28 x 28 padded to 32, in [-1, 1]), fresh noise and, with a
-schedule, one time for the whole batch (so that the batch runs at that time's grid; per-sample times would all
-run at the densest factor any of them asks for); loss: flow matching (velocity noise - x0), the backbone sees
+schedule, one time for the whole batch (so that the batch runs at that time's grid; per-sample times in one forward
+would all run at the densest factor any of them asks for), or, with ``--times grouped``, a time per sample and one
+forward per factor, the losses weighed by the groups' sizes; loss: flow matching (velocity noise - x0), the backbone sees
 t x 1000. The EMA of the weights is what the checkpoints and the final weights hold for sampling; checkpoints
 hold the model, the EMA, the optimizer and the random state, and a resumed run continues exactly. Writes
 --output/summary.json and --output/weights.safetensors (the EMA, loadable into the converted model).
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tokenroute.methods.token_density import TokenDensityConfig, apply_token_density
+from tokenroute.methods.token_density import Schedule, TokenDensityConfig, apply_token_density
 from tokenroute.training import (EMA, Progress, build_model, latest_checkpoint, load_fashion_mnist, load_weights,
                                  pad_images, prune_checkpoints, save_weights, to_model_range, write_json)
 
@@ -53,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooling-attention", default="", help="'block:d,...': blocks whose attention sees keys and "
                                                             "values pooled d x d")
     p.add_argument("--init", default="identity", choices=("identity", "flexdit"))
+    p.add_argument("--times", default="shared", choices=("shared", "grouped"),
+                   help="with a schedule: one time per batch, or a time per sample with one forward per factor")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -81,6 +84,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
         p.error(f"--output {output} is not empty: pass --resume to continue its run or --overwrite to start over")
     return args
+
+
+def groups(t: torch.Tensor, rule: Schedule | None) -> list[torch.Tensor]:
+    """The batch's rows by the factor the schedule gives their time (one group: all rows, where the factor is
+    fixed or the batch shares its time)."""
+    rows = torch.arange(len(t), device=t.device)
+    if rule is None or bool((t == t[0]).all()):
+        return [rows]
+    factors = torch.tensor([rule(float(v) * TIME_SCALE) for v in t.tolist()], device=t.device)
+    return [rows[factors == f] for f in factors.unique()]
 
 
 def convert(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -120,7 +133,9 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         generator.set_state(state["generator"])
-    shared_time = not isinstance(args.schedule, int)
+    scheduled = not isinstance(args.schedule, int)
+    shared_time = scheduled and args.times == "shared"
+    rule = Schedule(args.schedule, (0.0, TIME_SCALE), "--schedule") if scheduled else None
     null = getattr(model, "num_classes", 10)
     progress = Progress(args.steps, step, desc="token density")
     began = time.perf_counter()
@@ -133,11 +148,14 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
         noise = torch.randn(x0.shape, device=device, generator=generator)
         t = torch.rand(1 if shared_time else len(x0), device=device, generator=generator).expand(len(x0))
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            prediction = model(xt, t * TIME_SCALE, y)
-        loss = (prediction.float() - (noise - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        for rows in groups(t, rule):  # one forward per factor: each sample at its own time's grid
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                prediction = model(xt[rows], t[rows] * TIME_SCALE, y[rows])
+            part = (prediction.float() - (noise[rows] - x0[rows])).square().mean() * (len(rows) / len(x0))
+            part.backward()
+            loss = loss + part.detach()
         optimizer.step()
         ema.update(model, step)
         step += 1
@@ -157,7 +175,7 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
     model.load_state_dict(ema.state_dict())  # the model given in code leaves with the averaged weights
     summary = {"steps": step, "train_time_s": time.perf_counter() - began, "routes": args.routes,
                "schedule": args.schedule, "pooling_attention": args.pooling_attention, "init": args.init,
-               "batch_size": args.batch_size, "lr": args.lr, "shared_time": shared_time,
+               "batch_size": args.batch_size, "lr": args.lr, "times": args.times if scheduled else "per sample",
                "first_loss": history[0]["loss"] if history else None,
                "last_losses": [h["loss"] for h in history[-20:]], "weights": args.weights, "device": str(device)}
     write_json(summary, output / "summary.json")

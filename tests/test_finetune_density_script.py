@@ -45,3 +45,17 @@ def test_bad_arguments_are_refused(tmp_path):
     (tmp_path / "run" / "x").write_text("")
     with pytest.raises(SystemExit):
         script.parse_args(["--output", str(tmp_path / "run")])
+
+
+def test_grouped_times_run_each_factor_in_its_own_forward(tiny, tmp_path):
+    """With --times grouped a step draws a time per sample and runs one forward per factor: block 1 (inside the
+    route) sees several grids within one step, each sample once."""
+    from tokenroute.core.splice.tracer import tracing
+    from tokenroute.training import build_model
+
+    model = build_model("dit", "tiny", input_size=16)
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda m, a: None if tracing() else seen.append(tuple(a[0].shape[:2])))
+    args = [a if a != "4" else "8" for a in tiny]  # batch 8
+    script.main(args + ["--times", "grouped", "--steps", "1", "--output", str(tmp_path / "g")], model=model)
+    assert len({tokens for _, tokens in seen}) >= 2 and sum(batch for batch, _ in seen) == 8
