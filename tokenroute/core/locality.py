@@ -183,9 +183,11 @@ class LocalMasks:
             q_image, k_kind = qc[0] >= 0, kc[0]
             return _allowed(q_image, k_kind, lambda: _near(qc, kc, **rule))
 
-        # compiled on CUDA: the eager path materialises the whole (Lq, Lkv) mask (32 GiB at 64K tokens)
+        # compiled for long sequences on CUDA: the eager build materialises the whole (Lq, Lkv) mask (32 GiB at 64K
+        # tokens), while compiling it costs seconds per rule, more than the eager build of a short one
+        long = q_coords.shape[-2] * kv_coords.shape[-2] > 2**28
         return create_block_mask(mask_mod, q_coords.shape[0] if batched else None, None, q_coords.shape[-2],
-                                 kv_coords.shape[-2], device=q_coords.device, _compile=q_coords.is_cuda)
+                                 kv_coords.shape[-2], device=q_coords.device, _compile=q_coords.is_cuda and long)
 
 
 def block_sparsity(block_mask: Any) -> float:
