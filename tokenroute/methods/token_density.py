@@ -51,7 +51,8 @@ class TokenDensityConfig:
     """routes: ``(start, end)`` spans of blocks (inclusive; negative counts from the end) run pooled, or
     ``(start, end, factor)`` with a factor of their own; factor: the pooling factor (each side of the grid) of
     every route without one: an int, a table ``[(from_timestep, factor), ...]`` or a function of the timestep;
-    timestep_range: the timesteps the model is called with (a schedule outside it is refused); timestep_arg:
+    timestep_range: the timesteps the model is called with (a schedule outside it is refused; 0..1000 as DiT,
+    SD3 and Wan pipelines pass them; Flux's passes timestep / 1000: declare (0, 1) there); timestep_arg:
     the forward's argument carrying the timestep (default: found by name); merge, refine: the cross-attention
     layers at the entry and exit; heads: theirs (default: the most that keep 64 channels or more per head); init: "identity" (start as the plain
     pooled route) or "flexdit"; pooling_attention: ``{block: factor}``, blocks whose attention sees keys and values
