@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
@@ -220,6 +221,10 @@ class Splice:
         try:
             # the trace runs the forward once, in the caller's grad mode (the forward may branch on it);
             # leave the caller's random streams as they were
+            if any(hasattr(p, "ds_shape") for p in self.stack.owner.parameters()):
+                raise fx.proxy.TraceError(
+                    "DeepSpeed ZeRO-3 partitions its parameters, and the graph splice does not run under ZeRO-3 yet "
+                    "(its gathered parameters came back empty); module hooks do")
             with torch.random.fork_rng(devices=cuda):
                 traced = graph.trace(self.stack, function, self.boundaries, args, kwargs, constants, tensors,
                                             spec)

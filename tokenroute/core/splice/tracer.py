@@ -210,22 +210,49 @@ class ConcreteTracer(fx.Tracer):
             _restore_stored_tensors(root, before)
 
 
-def _run_module(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Run a leaf module on fake values. A module sharded by FSDP2 holds its parameters as DTensor shards and
-    gathers them in a pre-forward hook, a collective that must not run on fake values: it runs its forward
-    without hooks, on fake parameters of the full shape."""
+def _full_shape(parameter: torch.nn.Parameter) -> torch.Size | None:
+    """The whole shape of a sharded parameter (an FSDP2 DTensor shard, a DeepSpeed ZeRO-3 partition); None for
+    a parameter that is whole."""
+    if hasattr(parameter, "ds_shape"):  # DeepSpeed ZeRO-3: the data is an empty stand-in between forwards
+        return torch.Size(parameter.ds_shape)
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed: nothing is sharded
-        return module(*args, **kwargs)
-    sharded = {name: p for name, p in module.named_parameters() if isinstance(p, DTensor)}
-    if not sharded:
+    except ImportError:  # a build without distributed
+        return None
+    return parameter.shape if isinstance(parameter, DTensor) else None  # a DTensor's shape is the whole one
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_off(module: torch.nn.Module) -> Iterator[None]:
+    """The forward hooks of ``module`` and everything in it set aside, and put back after."""
+    saved = [(m, name, getattr(m, name)) for m in module.modules() for name in _HOOK_DICTS if hasattr(m, name)]
+    try:
+        for m, name, hooks in saved:
+            setattr(m, name, type(hooks)())
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
+def _run_module(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run a leaf module on fake values. A module whose parameters are sharded (FSDP2's DTensor shards,
+    DeepSpeed ZeRO-3's partitions) gathers them in forward hooks, collectives that must not run on fake values:
+    it runs with its hooks (and its submodules') set aside, on fake parameters of the whole shape."""
+    parameters = dict(module.named_parameters())
+    shapes = {name: _full_shape(p) for name, p in parameters.items()}
+    full = {name: torch.empty(shape, dtype=parameters[name].dtype, device=parameters[name].device)
+            for name, shape in shapes.items() if shape is not None}
+    if not full:
         return module(*args, **kwargs)
     from torch.nn.utils.stateless import _reparametrize_module
 
-    full = {name: torch.empty(p.shape, dtype=p.dtype, device=p.device) for name, p in sharded.items()}
-    with _reparametrize_module(module, full):
-        return module.forward(*args, **kwargs)
+    with _hooks_off(module), _reparametrize_module(module, full):
+        return module(*args, **kwargs)
 
 
 def _stored_values(root: torch.nn.Module) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
