@@ -117,6 +117,27 @@ def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[s
     return flops
 
 
+def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int,
+               reps: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each variant's milliseconds per step in every repetition (``steps`` steps each, variants interleaved in a
+    rotating order, after ``warmup`` steps: compilation, autotuning, allocator) and its peak memory in bytes."""
+    for fn in step_fns.values():
+        for _ in range(warmup):
+            fn()
+    timer = Timer(device)
+    names = list(step_fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    peak: dict[str, int] = {k: 0 for k in names}
+    for rep in range(reps):
+        for k in names[rep % len(names):] + names[: rep % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[k].append(timer(step_fns[k], steps))
+            if device.type == "cuda":
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
+    return times, peak
+
+
 def fits(step: Callable[[], None], device: torch.device) -> bool:
     """Whether one training step runs without running out of GPU memory (what it allocated is freed either way)."""
     try:
@@ -162,19 +183,7 @@ def own_largest_batches(variants: dict[str, tuple[Callable[..., torch.Tensor], A
             return make_step(forward, optimizer, random_inputs(model, batch, device), autocast)
         chosen[name] = largest_batch(step_at, start, cap, device)
         step_fns[name] = step_at(chosen[name])
-    for fn in step_fns.values():
-        for _ in range(warmup):
-            fn()
-    timer = Timer(device)
-    times: dict[str, list[float]] = {k: [] for k in step_fns}
-    peak: dict[str, int] = {k: 0 for k in step_fns}
-    for _ in range(reps):
-        for name, fn in step_fns.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[name].append(timer(fn, steps))
-            if device.type == "cuda":
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    times, peak = time_steps(step_fns, device, steps, warmup, reps)
     return {name: {"batch": chosen[name], "ms_per_step": median(times[name]),
                    "images_per_s": chosen[name] * 1000 / median(times[name]), "peak_memory_gib": peak[name] / 2**30}
             for name in step_fns}
@@ -200,20 +209,7 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
 
     flops = variant_flops({**forwards(model, config.routes, False), "masked": masked}, inputs)
 
-    for fn in steps_fn.values():  # warm-up (compilation, autotuning, allocator)
-        for _ in range(warmup):
-            fn()
-    timer = Timer(device)
-    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
-    peak: dict[str, int] = {k: 0 for k in VARIANTS}
-    for rep in range(reps):
-        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
-        for k in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[k].append(timer(steps_fn[k], steps))
-            if device.type == "cuda":
-                peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
+    times, peak = time_steps({k: steps_fn[k] for k in VARIANTS}, device, steps, warmup, reps)
     ms = {k: median(v) for k, v in times.items()}
     ideal = flops["unwrapped"] / flops["routed"]
     achieved = ms["unwrapped"] / ms["routed"]
