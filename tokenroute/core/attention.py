@@ -86,9 +86,6 @@ class AttentionBranches:
     def detach(self) -> None:
         unwrap_forwards(self.installed)
 
-    def branch(self, stack: BlockStack, position: int) -> nn.Module:
-        return stack.blocks[position].get_submodule(self.paths[position])
-
     def _tokens(self, registry: Any, position: int) -> tuple[StreamTokens, tuple[int, ...]]:
         splice = registry.splice
         tokens = splice.boundaries.tokens_at(position) if splice is not None else None

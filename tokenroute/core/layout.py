@@ -116,7 +116,6 @@ class StreamTokens:
         others = torch.full((tokens.shape[0], size - tokens.shape[1]), -1, dtype=torch.long, device=tokens.device)
         return torch.cat([others, tokens] if layout.joint == "text_first" else [tokens, others], dim=1)
 
-
     def image_span(self, size: int | None = None) -> tuple[int, int]:
         """The numbers of tokens before and after the image tokens in an attention sequence of ``size`` (the
         stream's, with joint attention's other tokens on the layout's ``joint`` side), where no route keeps a subset

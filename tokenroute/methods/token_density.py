@@ -25,7 +25,6 @@ pooled to one token it is FlexDiT's pooling attention, the mean of the values.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -33,9 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.attention import PooledKeys
 from ..core.context import ForwardArgument
 from ..core.operations import PoolTokens
-from ..core.patches import Patch, PatchRegistry, remove_patch
+from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.plan import Segment
 from ..core.route import RouteError, normalize_routes
 from ..core.stack import BlockStack
@@ -155,9 +155,6 @@ class PooledRouteLayers(nn.Module):
         self.refine = TokenCrossAttention(dim, heads, zero_init) if refine else None
         self.keep_change = keep_change
 
-    def merged(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.merge(pooled, dense)
-
     def recovered(self, entered: torch.Tensor, change: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         dense = entered + change if self.keep_change else entered
         return dense if self.refine is None else self.refine(dense, sparse)
@@ -195,10 +192,11 @@ class TokenDensityPatch(Patch):
         self.modules = {MODULE_NAME: self.layers}
         self.segments = [
             Segment(route, PoolTokens(lambda i=i: self.factor(i),
-                                      merge=layers.merged if layers.merge is not None else None,
+                                      merge=layers.merge,
                                       recover=layers.recovered), NAME, needed_in_eval=True)
             for i, (route, layers) in enumerate(zip(routes, self.layers))]
-        self.pooling_attention = _pooling_attention(config.pooling_attention, stack)
+        self.pooling_attention = PooledKeys(config.pooling_attention, stack, NAME) if config.pooling_attention \
+            else None
         if self.pooling_attention is not None:
             self.taps = list(self.pooling_attention.taps)
         self.config, self.last_factors = config, [None] * len(routes)
@@ -239,14 +237,6 @@ class TokenDensityPatch(Patch):
         return lines
 
 
-def _pooling_attention(factors: dict[int, int] | None, stack: BlockStack) -> Any:
-    if not factors:
-        return None
-    from ..core.attention import PooledKeys
-
-    return PooledKeys(factors, stack, NAME)
-
-
 def apply_token_density(model: nn.Module, config: TokenDensityConfig) -> nn.Module:
     """Token density on ``model``'s block stack, in place; returns the model."""
     registry = PatchRegistry.for_model(model, config.stack)
@@ -262,11 +252,5 @@ def remove_token_density(model: nn.Module) -> nn.Module:
 
 def token_density_factors(model: nn.Module) -> list[int | None]:
     """The factor each pooled route ran at in the model's last forward (None: not run yet)."""
-    from ..core.patches import registry_of
-
     return list(registry_of(model).get(NAME).last_factors)
 
-
-def flops_share(grid: tuple[int, int], factor: int) -> float:
-    """The share of a block's token-proportional work a pooled route keeps (image tokens only)."""
-    return 1.0 / (factor * factor) if all(side % factor == 0 for side in grid) else math.nan

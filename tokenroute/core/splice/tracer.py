@@ -211,10 +211,8 @@ class ConcreteTracer(fx.Tracer):
 
 
 def _full_shape(parameter: torch.nn.Parameter) -> torch.Size | None:
-    """The whole shape of a sharded parameter (an FSDP2 DTensor shard, a DeepSpeed ZeRO-3 partition); None for
-    a parameter that is whole."""
-    if hasattr(parameter, "ds_shape"):  # DeepSpeed ZeRO-3: the data is an empty stand-in between forwards
-        return torch.Size(parameter.ds_shape)
+    """The whole shape of a parameter FSDP2 shards (a DTensor); None for a parameter that is whole. (DeepSpeed
+    ZeRO-3's partitioned owners are never traced: the splice refuses them before the trace.)"""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a build without distributed
@@ -240,9 +238,9 @@ def _hooks_off(module: torch.nn.Module) -> Iterator[None]:
 
 
 def _run_module(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Run a leaf module on fake values. A module whose parameters are sharded (FSDP2's DTensor shards,
-    DeepSpeed ZeRO-3's partitions) gathers them in forward hooks, collectives that must not run on fake values:
-    it runs with its hooks (and its submodules') set aside, on fake parameters of the whole shape."""
+    """Run a leaf module on fake values. A module whose parameters FSDP2 shards gathers them in forward hooks,
+    collectives that must not run on fake values: it runs with its hooks (and its submodules', which may be sharded
+    too) set aside, on fake parameters of the whole shape."""
     parameters = dict(module.named_parameters())
     shapes = {name: _full_shape(p) for name, p in parameters.items()}
     full = {name: torch.empty(shape, dtype=parameters[name].dtype, device=parameters[name].device)
