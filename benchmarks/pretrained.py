@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from tokenroute.training import (EMA, build_model, drop_labels, load_fashion_mnist, make_task, model_config,
-                                 pad_images, to_model_range)
+                                 pad_images, resize_images, to_model_range)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_device, environment  # noqa: E402
@@ -74,7 +74,7 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", siz
     torch.manual_seed(seed)
     images, labels = load_fashion_mnist(data_dir, splits=("train",), download=False)
     data = to_model_range(pad_images(images))
-    data = (data if image_size is None else upsample(data, image_size)).to(device)
+    data = (data if image_size is None else resize_images(data, image_size)).to(device)
     labels = labels.to(device)
     size = dict(SIZE if size is None else size) | ({} if image_size is None else {"input_size": image_size})
     model = build_model(backbone, preset, **size).to(device)
@@ -108,13 +108,6 @@ def train(name: str = NAME, *, backbone: str = "dit", preset: str = "small", siz
              "label_dropout": label_dropout, "seed": seed, "losses": losses, "environment": environment(),
              "command": "python " + " ".join(sys.argv)}
     return store(name, ema.state_dict(), facts, out)
-
-
-def upsample(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images (N, 1, 32, 32) in [-1, 1] at ``size`` x ``size`` (bilinear; 32: unchanged)."""
-    if size == images.shape[-1]:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def downsample(images: torch.Tensor, size: int = 32) -> torch.Tensor:

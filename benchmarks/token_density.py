@@ -31,6 +31,7 @@ import torch
 
 import tokenroute
 from tokenroute.methods.token_density import Schedule, TokenDensityConfig, apply_token_density
+from tokenroute.training import resize_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return variant.eval(), summary
 
     real, _ = fid.load_split("t10k", args.data_dir)
-    test_images = pretrained.upsample(fid.prepare_images(real[:256]), size)
+    test_images = resize_images(fid.prepare_images(real[:256]), size)
     schedule_share = kept_share(schedule, args.steps)
     fixed_share = 1.0 / args.factor ** 2
     variants: dict[str, tuple[str, torch.nn.Module, dict[str, Any]]] = {"pretrained": ("pretrained", model, {})}

@@ -26,7 +26,8 @@ import torch
 
 from tokenroute.methods.token_density import Schedule, TokenDensityConfig, apply_token_density
 from tokenroute.training import (EMA, Progress, build_model, latest_checkpoint, load_fashion_mnist, load_weights,
-                                 pad_images, prune_checkpoints, save_weights, to_model_range, write_json)
+                                 pad_images, prune_checkpoints, resize_images, save_weights, to_model_range,
+                                 write_json)
 
 TIME_SCALE = 1000.0  # the backbones see t * 1000, as the project's flow models are trained
 
@@ -119,8 +120,7 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     images, labels = load_fashion_mnist(args.data_dir, splits=("train",), download=False)
     data, labels = to_model_range(pad_images(images)).to(device), labels.to(device)
-    if data.shape[-1] != args.image_size:  # Fashion-MNIST resized to the model's input
-        data = torch.nn.functional.interpolate(data, size=(args.image_size,) * 2, mode="bilinear", align_corners=False)
+    data = resize_images(data, args.image_size)  # Fashion-MNIST at the model's input size
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     step, history = 0, []

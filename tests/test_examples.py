@@ -85,6 +85,10 @@ def test_synthetic_fixture_loads_like_fashion_mnist(data_dir):
     assert padded.shape == (64, 1, 32, 32) and torch.equal(padded[:, 0, 2:30, 2:30], images)
     x = training.to_model_range(padded)
     assert x.min() >= -1 and x.max() <= 1
+    assert training.resize_images(x, 32) is x  # the same size: unchanged
+    larger = training.resize_images(x, 64)  # a larger grid: the same picture (its mean), in range
+    assert larger.shape == (64, 1, 64, 64) and larger.min() >= -1 and larger.max() <= 1
+    torch.testing.assert_close(larger.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), rtol=0, atol=1e-4)
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"Fashion-MNIST is not installed in {REAL_DATA} "

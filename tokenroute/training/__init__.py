@@ -15,7 +15,8 @@ from __future__ import annotations
 from .checkpoints import (checkpoint_dirs, full_optimizer_state, full_state_dict, is_sharded, latest_checkpoint,
                           load_full_optimizer_state, load_full_state_dict, load_weights, prune_checkpoints, save_weights)
 from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLITS, DataError, StepBatches,
-                   load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, step_generator, to_model_range,
+                   load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, resize_images, step_generator,
+                   to_model_range,
                    write_idx, write_synthetic_fashion_mnist)
 from .ema import EMA
 from .logs import (LOSS_FIELDS, LossLog, Progress, image_grid, jsonable, mask_checksum, read_loss_csv, save_grid,
@@ -74,6 +75,7 @@ __all__ = [
     "prune_checkpoints",
     "read_idx",
     "read_loss_csv",
+    "resize_images",
     "run_config",
     "run_facts",
     "sample_images",

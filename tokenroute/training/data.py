@@ -32,6 +32,7 @@ __all__ = [
     "locate_fashion_mnist",
     "pad_images",
     "read_idx",
+    "resize_images",
     "step_generator",
     "to_model_range",
     "write_idx",
@@ -157,6 +158,14 @@ def pad_images(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     top, left = (size - h) // 2, (size - w) // 2
     out[:, 0, top:top + h, left:left + w] = images
     return out
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (N, C, s, s) at ``size`` x ``size`` (bilinear; the same size: unchanged), for models trained on a
+    larger grid than the 32 x 32 frame."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
