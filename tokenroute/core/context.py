@@ -44,6 +44,7 @@ class ForwardArgument:
                              f"({', '.join(parameters)}); name one of them")
         self.name = name
         self.value: Any = None
+        self._distinct: list[float] | None = None
         self._handle: Any = None
 
     def attach(self) -> None:
@@ -53,13 +54,13 @@ class ForwardArgument:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self.value = None
+        self.value, self._distinct = None, None
 
     def _read(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if tracing():
             return
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
-        self.value = bound.get(self.name)
+        self.value, self._distinct = bound.get(self.name), None
 
     def values(self) -> list[float]:
         """The distinct values of the argument in this call (one per sample, or one for the batch)."""
@@ -67,7 +68,8 @@ class ForwardArgument:
             raise RouteError(f"{type(self.module).__name__} was run without its {self.what} argument "
                              f"{self.name!r} being seen: call the model (model(...)), not model.forward(...), and "
                              f"pass {self.name}")
-        value = self.value
-        if isinstance(value, torch.Tensor):
-            return value.detach().float().flatten().unique().tolist()
-        return [float(value)]
+        if self._distinct is None:  # read once per call, however many routes ask (a host sync for a tensor)
+            value = self.value
+            self._distinct = value.detach().float().flatten().unique().tolist() if isinstance(value, torch.Tensor) \
+                else [float(value)]
+        return self._distinct
