@@ -162,6 +162,19 @@ def test_bad_factors_and_schedules_are_refused():
         model(x, torch.full((2,), 1500.0), y)
     with pytest.raises(RouteError, match="timestep_arg="):
         converted("dit", factor=SCHEDULE, timestep_arg="noise")
+    renamed = copy.deepcopy(MODELS["dit"])
+
+    class Renamed(type(renamed)):  # a forward whose time argument has no usual name: it must be declared
+        def forward(self, x, level, y):
+            return super().forward(x, level, y)
+
+    renamed.__class__ = Renamed
+    with pytest.raises(RouteError, match="no argument named like a timestep.*timestep_arg='<name>'"):
+        apply_token_density(copy.deepcopy(renamed), TokenDensityConfig(routes=[(1, 2)], factor=SCHEDULE))
+    declared = apply_token_density(renamed, TokenDensityConfig(routes=[(1, 2)], factor=SCHEDULE, timestep_arg="level"))
+    with torch.no_grad():
+        declared(x, torch.full((2,), 900.0), y)
+    assert token_density_factors(declared) == [4]
     with pytest.raises(RouteError, match="heads do not divide"):
         converted("dit", factor=2, heads=5)
 
