@@ -23,7 +23,7 @@ import torch
 from tokenroute.methods.local_attention import (DistillationConfig, LocalAttentionConfig, apply_local_attention,
                                                 distillation_loss, distillation_parameters, local_attention_off)
 from tokenroute.training import (NUM_CLASSES, Progress, build_model, flow_euler_sampler, latest_checkpoint,
-                                 load_weights, prune_checkpoints, save_weights, write_json)
+                                 load_weights, write_checkpoint, write_json)
 
 TIME_SCALE = 1000.0  # the backbones see t * 1000, as the project's flow models are trained
 
@@ -135,12 +135,9 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
         progress.set(loss=float(loss.detach()), **{k: float(v) for k, v in parts.items()})
         progress.update()
         if step % args.checkpoint_every == 0 or step == args.steps:
-            folder = output / "checkpoints" / f"step_{step:07d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_weights(model.state_dict(), folder / "weights.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "step": step, "history": history,
-                        "generator": generator.get_state()}, folder / "training_state.pt")
-            prune_checkpoints(output, args.keep_checkpoints)
+            write_checkpoint(output, step, {"weights": model.state_dict()},
+                             {"optimizer": optimizer.state_dict(), "step": step, "history": history,
+                              "generator": generator.get_state()}, args.keep_checkpoints)
     progress.close()
     summary = {"steps": step, "train_time_s": time.perf_counter() - began, "radius": args.radius,
                "pooled": args.pooled, "trained_parameters": sum(p.numel() for p in trained),

@@ -26,8 +26,8 @@ import torch
 
 from tokenroute.methods.token_density import Schedule, TokenDensityConfig, apply_token_density
 from tokenroute.training import (EMA, Progress, build_model, latest_checkpoint, load_fashion_mnist, load_weights,
-                                 pad_images, prune_checkpoints, resize_images, save_weights, to_model_range,
-                                 write_json)
+                                 pad_images, resize_images, save_weights, to_model_range,
+                                 write_checkpoint, write_json)
 
 TIME_SCALE = 1000.0  # the backbones see t * 1000, as the project's flow models are trained
 
@@ -163,13 +163,9 @@ def main(argv: Sequence[str] | None = None, model: torch.nn.Module | None = None
         progress.set(loss=float(loss.detach()))
         progress.update()
         if step % args.checkpoint_every == 0 or step == args.steps:
-            folder = output / "checkpoints" / f"step_{step:07d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_weights(model.state_dict(), folder / "weights.safetensors")
-            save_weights(ema.state_dict(), folder / "ema.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "step": step, "history": history,
-                        "generator": generator.get_state()}, folder / "training_state.pt")
-            prune_checkpoints(output, args.keep_checkpoints)
+            write_checkpoint(output, step, {"weights": model.state_dict(), "ema": ema.state_dict()},
+                             {"optimizer": optimizer.state_dict(), "step": step, "history": history,
+                              "generator": generator.get_state()}, args.keep_checkpoints)
     progress.close()
     save_weights(ema.state_dict(), output / "weights.safetensors")
     model.load_state_dict(ema.state_dict())  # the model given in code leaves with the averaged weights

@@ -13,7 +13,8 @@ needed (``pip install 'tokenroute[train]'``).
 from __future__ import annotations
 
 from .checkpoints import (checkpoint_dirs, full_optimizer_state, full_state_dict, is_sharded, latest_checkpoint,
-                          load_full_optimizer_state, load_full_state_dict, load_weights, prune_checkpoints, save_weights)
+                          load_full_optimizer_state, load_full_state_dict, load_weights, prune_checkpoints, save_weights,
+                          write_checkpoint)
 from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLITS, DataError, StepBatches,
                    load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, resize_images, step_generator,
                    to_model_range,
@@ -88,6 +89,7 @@ __all__ = [
     "to_model_range",
     "tread_routes",
     "write_idx",
+    "write_checkpoint",
     "write_json",
     "write_synthetic_fashion_mnist",
 ]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["checkpoint_dirs", "full_optimizer_state", "full_state_dict", "is_sharded", "latest_checkpoint",
-           "load_full_optimizer_state", "load_full_state_dict", "load_weights", "prune_checkpoints", "save_weights"]
+           "load_full_optimizer_state", "load_full_state_dict", "load_weights", "prune_checkpoints", "save_weights",
+           "write_checkpoint"]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -87,6 +88,19 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def write_checkpoint(output: str | os.PathLike, step: int, weights: dict[str, dict[str, torch.Tensor]],
+                     state: dict, keep: int) -> Path:
+    """OUTPUT/checkpoints/step_NNNNNNN/: each of ``weights`` as NAME.safetensors and ``state`` as
+    training_state.pt; then only the ``keep`` newest checkpoints are kept."""
+    folder = Path(output) / "checkpoints" / f"step_{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, state_dict in weights.items():
+        save_weights(state_dict, folder / f"{name}.safetensors")
+    torch.save(state, folder / "training_state.pt")
+    prune_checkpoints(output, keep)
+    return folder
 
 
 def checkpoint_dirs(output: str | os.PathLike) -> list[Path]:
