@@ -3,6 +3,8 @@
     python examples/diffusers_dit.py --max-steps 2000                         # plain DiT
     python examples/diffusers_dit.py --max-steps 2000 --routes 1:2:0.5        # TREAD: the wrap line below
     accelerate launch examples/diffusers_dit.py --routes 1:2:0.5
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml --fsdp_transformer_layer_cls_to_wrap \
+        BasicTransformerBlock,CombinedTimestepLabelEmbeddings examples/diffusers_dit.py --routes 1:2:0.5   # FSDP2
 
 Epsilon prediction with a DDPMScheduler, Accelerate for devices and mixed precision, an EMA of the weights,
 DDIM sampling with classifier-free guidance at the end. Writes to --output: transformer/ and scheduler/ (save_pretrained;
@@ -24,10 +26,14 @@ import tokenroute
 from tokenroute.losses import EpsilonPrediction, combine
 from tokenroute.sampling import guided_prediction
 from tokenroute.training import (DEFAULT_DATA_DIR, EMA, IMAGE_SIZE, NUM_CLASSES, DataError, LossLog, Progress,
-                                 StepBatches, class_labels, format_routes, full_state_dict, is_sharded,
+                                 StepBatches, check_sharding, check_sharding_packages, class_labels,
+                                 configure_sharding, deepspeed_autocast, format_routes, full_state_dict, is_sharded,
                                  load_fashion_mnist, locate_fashion_mnist, mask_checksum, mixed_precision, pad_images,
                                  parse_routes, run_facts, save_grid, save_loss_plot, step_generator, to_model_range,
                                  tread_routes, write_json)
+
+
+FSDP_UNIT = "CombinedTimestepLabelEmbeddings"  # each block's label and time embedding, its own FSDP2 unit
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -70,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     try:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
         from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
         from diffusers.optimization import get_scheduler
     except ImportError as err:
@@ -94,8 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except tokenroute.RouteError as err:
             raise SystemExit(f"diffusers_dit.py: error: --routes {format_routes(routes)}: {err}") from None
 
+    check_sharding_packages("diffusers_dit.py")
     accelerator = Accelerator(mixed_precision=mixed_precision(args.mixed_precision),
                               cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
+    check_sharding(accelerator, "diffusers_dit.py")  # an FSDP or DeepSpeed config Accelerate would not run: refused
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if accelerator.is_main_process and not args.quiet \
         else (lambda text: None)
@@ -110,7 +119,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * world)
-    net = model
+    net = model  # FSDP2 shards it in place; DeepSpeed's engine wraps it
+    configure_sharding(accelerator, net, args.batch_size, args.max_grad_norm, "diffusers_dit.py")
+    if accelerator.distributed_type == DistributedType.FSDP and \
+            FSDP_UNIT not in (accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or [FSDP_UNIT]):
+        raise SystemExit(f"diffusers_dit.py: error: under FSDP2 wrap {FSDP_UNIT} too: DiTTransformer2DModel.forward "
+                         "calls transformer_blocks[0].norm1.emb after the blocks, when block 0 is sharded again. "
+                         "Pass --fsdp_transformer_layer_cls_to_wrap BasicTransformerBlock," + FSDP_UNIT)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.module.to(device)
@@ -135,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         generator = step_generator(args.seed, step, rank, device)
         batch = objective.prepare(clean_images, generator=generator)  # noise, timesteps, noisy images, target
-        model_pred = objective.predict(model, batch, class_labels=batch_labels)
+        with deepspeed_autocast(accelerator):
+            model_pred = objective.predict(model, batch, class_labels=batch_labels)
         per_token = objective.per_token_loss(model_pred.float(), batch, args.patch_size)
         masks = tokenroute.routing_masks(net) if routes else []
         loss, parts = combine(per_token, masks, mode=args.loss_mode)
@@ -169,11 +185,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     # as diffusers' scripts do: save and sample the EMA weights; without an EMA, the model's, gathered to the main
-    # process where FSDP2 shards them (every process takes part)
+    # process where FSDP2 or ZeRO-3 shard them (every process takes part)
     weights = ema.state_dict() if ema is not None else full_state_dict(net)
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
-        if is_sharded(transformer):  # a whole copy to save and sample, routed as the model is
+        if is_sharded(transformer) or accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # a whole copy in full precision to save and sample, routed as the model is
             transformer = DiTTransformer2DModel.from_config(transformer.config).to(device)
             transformer = tokenroute.wrap(transformer, routes=routes, seed=args.seed) if routes else transformer
         transformer.load_state_dict(weights)

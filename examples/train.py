@@ -3,6 +3,10 @@
     python examples/train.py --backbone dit --preset tiny --max-steps 300                      # baseline
     python examples/train.py --backbone dit --preset tiny --max-steps 300 --routes 1:4:0.5     # TREAD
     accelerate launch --num_processes 2 examples/train.py --backbone dit --preset small --routes 2:8:0.5
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/train.py --backbone dit --routes tread
+
+Under FSDP2 or DeepSpeed (configs in examples/accelerate/) the model is wrapped first and sharded by
+`accelerator.prepare`; tokenroute traces its graph at the first training forward, on the sharded blocks.
 
 The routed and the baseline run differ in one line, `tokenroute.wrap(...)` below. Writes to --output:
 samples.png, summary.json, loss.csv, loss.png, samples/step_*.png and checkpoints/step_*/ (model.safetensors
@@ -24,13 +28,14 @@ import torch.nn as nn
 
 import tokenroute
 from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLASSES, PRESET_DEFAULTS, PRESET_NAMES,
-                                 DataError, LossLog, Progress, StepBatches, build_model, drop_labels, format_routes,
-                                 full_optimizer_state, full_state_dict, latest_checkpoint, load_fashion_mnist,
-                                 load_full_optimizer_state, load_full_state_dict, load_weights, locate_fashion_mnist,
-                                 mae_term,
-                                 make_task, mask_checksum, mixed_precision, model_config, pad_images, parse_routes,
-                                 prune_checkpoints, run_config, run_facts, sample_images, save_grid, save_loss_plot,
-                                 save_weights, stack_depth, step_generator, to_model_range, tread_routes, write_json)
+                                 DataError, LossLog, Progress, StepBatches, build_model, check_sharding,
+                                 check_sharding_packages, configure_sharding, deepspeed_autocast, drop_labels,
+                                 format_routes, full_optimizer_state, full_state_dict, latest_checkpoint,
+                                 load_fashion_mnist, load_full_optimizer_state, load_full_state_dict, load_weights,
+                                 locate_fashion_mnist, mae_term, make_task, mask_checksum, mixed_precision,
+                                 model_config, pad_images, parse_routes, prune_checkpoints, run_config, run_facts,
+                                 sample_images, save_grid, save_loss_plot, save_weights, stack_depth, step_generator,
+                                 to_model_range, tread_routes, write_json)
 
 SAMPLE_STEPS = {"edm": 18, "flow": 32, "eps": 32}
 
@@ -234,11 +239,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # --- accelerate: devices, processes, mixed precision -----------------------------------------------
     from accelerate import Accelerator
-    from accelerate.utils import broadcast
+    from accelerate.utils import DistributedType, broadcast
 
+    check_sharding_packages("train.py")
     accelerator = Accelerator(log_with=args.report_to, project_dir=str(output),
                               mixed_precision=mixed_precision(args.mixed_precision),
                               cpu=not torch.cuda.is_available())  # cpu: several CPU processes use gloo
+    check_sharding(accelerator, "train.py")  # an FSDP or DeepSpeed config that Accelerate would not run is refused
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if main_process and not args.quiet else \
@@ -251,11 +259,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     labels = labels.to(device)
     batches = StepBatches(len(images), args.batch_size, seed=args.seed, rank=rank, world_size=world)
 
-    net = model  # the backbone itself; `model` becomes its DDP/autocast wrapper after prepare
+    net = model  # the backbone itself (FSDP2 shards it in place); `model` becomes its DDP or DeepSpeed wrapper
     objective, patch_size, null_label = task.objective, net.patch_size, net.num_classes
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     warmup = args.warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    configure_sharding(accelerator, net, args.batch_size, args.grad_clip, "train.py")  # FSDP2 units, DeepSpeed's batch
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per step, by hand
     ema.module.to(device)
 
@@ -275,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if saved["routes"] != format_routes(routes):
             raise SystemExit(f"train.py: error: --resume: {checkpoint} was trained with --routes {saved['routes']}, "
                              f"not {format_routes(routes)}")
+        if deepspeed or state["optimizer"] is None:
+            raise SystemExit(f"train.py: error: --resume: {checkpoint} cannot be continued exactly under DeepSpeed"
+                             + ("" if deepspeed else ", where it was written")
+                             + ": DeepSpeed keeps the optimizer's moments and fp32 weights in its own partitions, "
+                             "which these checkpoints do not hold. Resume with FSDP2 or plain data parallelism, or "
+                             f"start a new run from its weights: --init-from {checkpoint}")
         for key in ("batch_size", "seed", "lr", "loss_mode"):
             if saved[key] != getattr(args, key):
                 say(f"--resume: --{key.replace('_', '-')} changed from {saved[key]} to {getattr(args, key)}")
@@ -352,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        model_state, optimizer_state = full_state_dict(net), full_optimizer_state(net, optimizer)  # every rank
+        model_state = full_state_dict(net)  # every rank takes part; gathered under FSDP2 and ZeRO-3
+        optimizer_state = None if deepspeed else full_optimizer_state(net, optimizer)  # DeepSpeed partitions its own
         torch.save({"routing": tokenroute.routing_state_dict(net) if routed else None,
                     "ema_routing": tokenroute.routing_state_dict(ema.module) if rg is not None else None,
                     "torch_rng": torch.get_rng_state(),
@@ -410,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             tokenroute.set_ratio(net, [0.0] + [r[2] for r in routes or ()])
             unmasked = True
         batch = objective.prepare(x0, generator=g)
-        prediction = objective.predict(task.backbone_fn(model), batch, y)
+        with deepspeed_autocast(accelerator):
+            prediction = objective.predict(task.backbone_fn(model), batch, y)
         per_token = objective.per_token_loss(prediction.float(), batch, patch_size)
         masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
         extra = {}

@@ -4,17 +4,17 @@
 
 One module per concern: `data` (the idx files, a synthetic stand-in, per-step batches and noise), `presets`
 (backbone sizes, routes on a command line), `tasks` (objectives), `samplers` (sampling loops), `samples`
-(class-conditional sample grids from a model), `ema`, `checkpoints`, `logs` (loss log, plots, image grids,
-JSON, progress) and `runs` (what a summary records). `import tokenroute` does not
-import this package. Beyond torch it uses numpy, matplotlib, safetensors and tqdm, each imported where it is
-needed (``pip install 'tokenroute[train]'``).
+(class-conditional sample grids from a model), `ema`, `checkpoints`, `sharding` (FSDP2 and DeepSpeed through
+Accelerate), `logs` (loss log, plots, image grids, JSON, progress) and `runs` (what a summary records).
+`import tokenroute` does not import this package. Beyond torch it uses numpy, matplotlib, safetensors and tqdm,
+each imported where it is needed (``pip install 'tokenroute[train]'``).
 """
 
 from __future__ import annotations
 
-from .checkpoints import (checkpoint_dirs, full_optimizer_state, full_state_dict, is_sharded, latest_checkpoint,
-                          load_full_optimizer_state, load_full_state_dict, load_weights, prune_checkpoints, save_weights,
-                          write_checkpoint)
+from .checkpoints import (checkpoint_dirs, full_optimizer_state, full_state_dict, gathered_parameters, is_sharded,
+                          latest_checkpoint, load_full_optimizer_state, load_full_state_dict, load_weights,
+                          prune_checkpoints, save_weights, write_checkpoint)
 from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLITS, DataError, StepBatches,
                    load_fashion_mnist, locate_fashion_mnist, pad_images, read_idx, resize_images, step_generator,
                    to_model_range,
@@ -27,6 +27,8 @@ from .presets import (BACKBONE_NAMES, PRESET_DEFAULTS, PRESET_NAMES, PRESETS, bu
 from .runs import environment, mixed_precision, run_config, run_facts
 from .samplers import edm_heun_sampler, flow_euler_sampler, scheduler_sampler
 from .samples import class_labels, sample_images
+from .sharding import (block_class_names, check_sharding, check_sharding_packages, configure_sharding,
+                       deepspeed_autocast, requested_sharding)
 from .tasks import Task, drop_labels, mae_term, make_task
 
 __all__ = [
@@ -47,9 +49,14 @@ __all__ = [
     "Progress",
     "StepBatches",
     "Task",
+    "block_class_names",
     "build_model",
     "checkpoint_dirs",
+    "check_sharding",
+    "check_sharding_packages",
     "class_labels",
+    "configure_sharding",
+    "deepspeed_autocast",
     "drop_labels",
     "edm_heun_sampler",
     "environment",
@@ -57,6 +64,7 @@ __all__ = [
     "format_routes",
     "full_optimizer_state",
     "full_state_dict",
+    "gathered_parameters",
     "image_grid",
     "is_sharded",
     "jsonable",
@@ -76,6 +84,7 @@ __all__ = [
     "prune_checkpoints",
     "read_idx",
     "read_loss_csv",
+    "requested_sharding",
     "resize_images",
     "run_config",
     "run_facts",

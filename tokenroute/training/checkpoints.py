@@ -3,29 +3,56 @@
 safetensors is imported when weights are saved or loaded. A model sharded by FSDP2 (its parameters DTensors) saves
 and loads through the full state dicts: ``full_state_dict`` gathers the model's (every rank calls it; rank 0
 receives it), ``load_full_state_dict`` spreads rank 0's back to the shards, and the optimizer's likewise, so a
-checkpoint is the plain backbone's whatever the sharding.
+checkpoint is the plain backbone's whatever the sharding. Under DeepSpeed ZeRO-3 (partitioned parameters)
+``full_state_dict`` and ``gathered_parameters`` gather the weights; its optimizer state stays DeepSpeed's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-__all__ = ["checkpoint_dirs", "full_optimizer_state", "full_state_dict", "is_sharded", "latest_checkpoint",
-           "load_full_optimizer_state", "load_full_state_dict", "load_weights", "prune_checkpoints", "save_weights",
-           "write_checkpoint"]
+__all__ = ["checkpoint_dirs", "full_optimizer_state", "full_state_dict", "gathered_parameters", "is_sharded",
+           "latest_checkpoint", "load_full_optimizer_state", "load_full_state_dict", "load_weights",
+           "prune_checkpoints", "save_weights", "write_checkpoint"]
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
+def _fsdp2(model: torch.nn.Module) -> bool:
     """Whether any of the model's parameters is a DTensor shard (FSDP2)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
         return False
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _zero3_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 partitions (they carry ``ds_id``)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are split over the ranks: DTensor shards (FSDP2) or ZeRO-3 partitions."""
+    return _fsdp2(model) or bool(_zero3_parameters(model))
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """ZeRO-3's partitioned parameters whole inside the block, read-only (a collective: every rank enters);
+    anything else as it is. (FSDP2 shards gather per tensor: ``DTensor.full_tensor``.)"""
+    partitioned = _zero3_parameters(model)
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def _full_options(load: bool) -> object:
@@ -37,8 +64,12 @@ def _full_options(load: bool) -> object:
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict: gathered from the shards to rank 0 when sharded (a collective: call it on
-    every rank; the other ranks get an empty dict), else ``model.state_dict()``."""
-    if not is_sharded(model):
+    every rank; under FSDP2 the other ranks get an empty dict, under ZeRO-3 a copy on the CPU), else
+    ``model.state_dict()``."""
+    if _zero3_parameters(model):
+        with gathered_parameters(model):
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if not _fsdp2(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -47,8 +78,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a whole state dict (strict): into the shards from rank 0's ``state`` when sharded (every rank calls
-    it), else ``model.load_state_dict``."""
-    if not is_sharded(model):
+    it), else ``model.load_state_dict``. Not for DeepSpeed, whose optimizer keeps its own copy of the weights."""
+    if not _fsdp2(model):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -57,8 +88,8 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state (by parameter name when sharded, gathered to rank 0; a collective)."""
-    if not is_sharded(model):
+    """The optimizer's whole state (by parameter name when sharded by FSDP2, gathered to rank 0; a collective)."""
+    if not _fsdp2(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -66,8 +97,8 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load what ``full_optimizer_state`` gave (rank 0's, spread to the shards when sharded)."""
-    if not is_sharded(model):
+    """Load what ``full_optimizer_state`` gave (rank 0's, spread to the shards when sharded by FSDP2)."""
+    if not _fsdp2(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

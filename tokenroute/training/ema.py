@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from .checkpoints import gathered_parameters
+
 __all__ = ["EMA"]
 
 
@@ -15,8 +17,8 @@ class EMA:
 
     The decay warms up as min(decay, (1 + step) / (10 + step)), so short runs still average sensibly and a
     resumed run gets the same decay at the same step. Make it before `tokenroute.wrap`: the copy is then
-    a plain backbone; its state_dict keys are the model's either way. Make it before sharding too (FSDP2): the copy
-    stays whole, and each update gathers the shards (every rank updates).
+    a plain backbone; its state_dict keys are the model's either way. Make it before sharding too (FSDP2, DeepSpeed):
+    the copy stays whole, and each update gathers the shards or ZeRO-3's partitions (every rank updates).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
@@ -32,8 +34,9 @@ class EMA:
         """Move the average towards `model`'s parameters; buffers are copied as they are."""
         decay = self.current_decay(step)
         ema_params = [p for p in self.module.parameters()]
-        params = [_whole(p.detach()) for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
+        with gathered_parameters(model):
+            params = [_whole(p.detach()) for p in model.parameters()]
+            torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
 

@@ -41,8 +41,10 @@ def run_config(args: Any, routes: Sequence[Any] | None) -> dict[str, Any]:
 
 
 def run_facts(args: Any, routes: Sequence[Any] | None, accelerator: Any) -> dict[str, Any]:
-    """What every training summary records about the run: routes, arguments, processes and environment."""
+    """What every training summary records about the run: routes, arguments, processes (and how the model is
+    distributed over them: Accelerate's distributed type) and environment."""
     return {"routes": [list(r) for r in routes] if routes else [], "config": run_config(args, routes),
             "device": str(accelerator.device), "world_size": accelerator.num_processes,
+            "distributed_type": accelerator.distributed_type.value,
             "mixed_precision": accelerator.mixed_precision, "torch_version": torch.__version__,
             "environment": environment()}
