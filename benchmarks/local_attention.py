@@ -2,9 +2,12 @@
 tile-aligned windows (FlexAttention), for the attention alone and for a whole DiT-XL-sized forward, at 4K, 16K and
 64K image tokens, with each mask's block sparsity.
 
-Attention alone: DiT-XL's 16 heads of 72 channels, batch 1, bf16, forward. Whole model: the project's DiT at
+Attention alone: DiT-XL's 16 heads of 72 channels, batch 1 (``--batch``), bf16, forward; for the local variants
+also the kernel alone on inputs already in tile order (``kernel_ms``: the reordering and the call's overhead
+are the difference). Whole model: the project's DiT at
 DiT-XL's width 1152, depth 28 and 16 heads, patch 2, on latents of the size that gives the token count, batch 1,
-bf16, forward. Variants interleaved after warm-up, CUDA events, medians. Writes results/local_attention.json and
+bf16, forward. Variants interleaved after warm-up, CUDA events, medians; torch.compile's counters kept
+(recompiles past its limit would run FlexAttention unfused). Writes results/local_attention.json and
 results/local_attention.png.
 
     python benchmarks/local_attention.py                 # on the GPU
@@ -64,10 +67,10 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], device: torch.device, 
 @torch.no_grad()
 def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     side = int(math.isqrt(tokens))
-    q, k, v = (torch.randn(1, args.heads, side * side, args.head_dim, device=device, dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(args.batch, args.heads, side * side, args.head_dim, device=device, dtype=dtype) for _ in range(3))
     coords = grid_coords(side, device)
     masks = LocalMasks()
-    calls, sparsity = {}, {}
+    calls, sparsity, kernels = {}, {}, {}
     for name, rule in variants(args).items():
         if not rule:
             calls[name] = lambda: F.scaled_dot_product_attention(q, k, v)
@@ -77,10 +80,28 @@ def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device,
                                                                    backend=args.backend, **rule)
         calls[name]()
         ordered = (name, "tile order")  # FlexAttention runs every rule tile by tile
-        sparsity[name] = block_sparsity(masks.blocks[ordered]) if ordered in masks.blocks else None
-    ms = time_interleaved(calls, device, args.repeats, args.n)
-    return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name]}
+        if ordered not in masks.blocks:
+            sparsity[name] = None
+            continue
+        sparsity[name] = block_sparsity(masks.blocks[ordered])
+        if not q.is_cuda:  # eager FlexAttention on the CPU: nothing to compare with
+            continue
+        # the kernel alone, on inputs already in tile order: what the reordering and the call's overhead cost
+        order, _ = masks.orders[(name, "order")]
+        qo, ko, vo, block = q[:, :, order], k[:, :, order], v[:, :, order], masks.blocks[ordered]
+        kernels[name] = lambda qo=qo, ko=ko, vo=vo, block=block: masks.flex()(qo, ko, vo, block_mask=block)
+    ms = time_interleaved(calls | {f"{n} (kernel)": c for n, c in kernels.items()}, device, args.repeats, args.n)
+    return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name],
+                   **({"kernel_ms": ms[f"{name} (kernel)"]} if name in kernels else {})}
             for name in calls}
+
+
+def compile_counters() -> dict[str, Any]:
+    """torch.compile's counters: graphs compiled and recompiles (a rule that recompiled past the limit would run
+    FlexAttention unfused, materialising the scores)."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(counters[group]) for group in ("stats", "recompiles", "graph_break") if counters[group]}
 
 
 @torch.no_grad()
@@ -96,8 +117,9 @@ def whole_model(tokens: int, args: argparse.Namespace, device: torch.device, dty
         if rule:
             apply_local_attention(model, LocalAttentionConfig(backend=args.backend, **({"radius": None} | rule)))
         models[name] = model
-    x = torch.randn(1, 4, side, side, device=device)
-    t, y = torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    x = torch.randn(args.batch, 4, side, side, device=device)
+    t = torch.full((args.batch,), 500.0, device=device)
+    y = torch.zeros(args.batch, dtype=torch.long, device=device)
 
     def forward(model: torch.nn.Module) -> Callable[[], Any]:
         def call() -> None:
@@ -141,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--radius", type=float, nargs="*", default=[8.0, 16.0])
     parser.add_argument("--tile", type=int, nargs=2, default=[8, 16], help="tile rows, columns")
     parser.add_argument("--tile-reach", nargs="*", default=["1x0", "2x1"], help="tiles up-down x left-right")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=72)
     parser.add_argument("--width", type=int, default=1152)
@@ -167,9 +190,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.skip_model and (args.model_tokens is None or tokens in args.model_tokens):
             run["model"] = whole_model(tokens, args, device, dtype)
         payload["runs"][str(tokens)] = run
+        payload["compile_counters"] = compile_counters()
         for part, rows in run.items():
             for name, row in rows.items():
-                print(f"{tokens:>6} tokens  {part:<9} {name:<28} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x", flush=True)
+                kernel = f"  kernel alone {row['kernel_ms']:.3f} ms" if "kernel_ms" in row else ""
+                print(f"{tokens:>6} tokens  {part:<9} {name:<28} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x{kernel}",
+                      flush=True)
         write_json(args.out, payload)  # what is measured so far survives a time limit
     plot(payload, args.out.with_suffix(".png"))
     return payload
