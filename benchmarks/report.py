@@ -82,17 +82,20 @@ def caching(path: Path = RESULTS / "caching.json") -> str:
 
 
 def local_attention(path: Path = RESULTS / "local_attention.json") -> str:
-    """Milliseconds and speed-up over dense attention, per token count, with each mask's block sparsity."""
+    """Milliseconds and speed-up over dense attention, per token count, with each mask's block sparsity and the
+    FlexAttention kernel alone (inputs already in tile order)."""
     data = json.loads(path.read_text())
-    rows = [f"{data['environment']['device']}, bf16, batch 1, forward (`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| image tokens | variant | attention ms | speed-up | block sparsity | DiT-XL forward ms | speed-up |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    batch = data["config"].get("batch", 1)
+    rows = [f"{data['environment']['device']}, bf16, batch {batch}, forward (`{path.relative_to(RESULTS.parent.parent)}`):",
+            "", "| image tokens | variant | attention ms | speed-up | kernel alone ms | block sparsity | "
+            "DiT-XL forward ms | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tokens, run in data["runs"].items():
         for name, a in run["attention"].items():
             m = run.get("model", {}).get(name)
             sparsity = "" if a["block_sparsity"] is None else f"{a['block_sparsity']:.1%}"
+            kernel = f"{a['kernel_ms']:.3f}" if "kernel_ms" in a else "-"
             model = f"{m['ms']:.1f} | {m['speedup']:.2f}x" if m else "- | -"
-            rows.append(f"| {tokens} | {name} | {a['ms']:.3f} | {a['speedup']:.2f}x | {sparsity} | {model} |")
+            rows.append(f"| {tokens} | {name} | {a['ms']:.3f} | {a['speedup']:.2f}x | {kernel} | {sparsity} | {model} |")
     return "\n".join(rows)
 
 
