@@ -1,5 +1,6 @@
 """Distil a flow-matching backbone into local attention (CLEAR): only the attention projections and the pooling
-weights train, on images the model generates itself; the teacher is the same model with local attention off.
+weights train, on images the model generates itself; the teacher is the same model with local attention off and
+the trained projections' starting values.
 
     python examples/distill_local_attention.py --weights model.safetensors --preset small --radius 8 --pooled 2
     python examples/distill_local_attention.py ... --resume       # continue from --output's latest checkpoint
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from tokenroute.methods.local_attention import (DistillationConfig, LocalAttentionConfig, apply_local_attention,
-                                                distillation_loss, distillation_parameters, local_attention_off)
+                                                distillation_loss, distillation_parameters, teacher_mode)
 from tokenroute.training import (NUM_CLASSES, Progress, build_model, flow_euler_sampler, latest_checkpoint,
                                  load_weights, write_checkpoint, write_json)
 
@@ -63,10 +64,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def teacher_samples(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor,
                                                                                                       torch.Tensor]:
-    """Images the model generates with local attention off (its own distribution), classes in turn."""
+    """Images the teacher generates (its own distribution), classes in turn."""
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = [], []
-    with local_attention_off(model):
+    with teacher_mode(model):
         for start in range(0, args.samples, args.batch_size):
             n = min(args.batch_size, args.samples - start)
             y = (torch.arange(start, start + n) % NUM_CLASSES).to(device)

@@ -226,6 +226,32 @@ def test_distillation_trains_the_projections_only_and_lowers_its_loss():
         assert torch.equal(p, before[name]) != (name in names), name
 
 
+def test_distillation_teacher_keeps_the_starting_weights():
+    """The teacher's prediction inside the loss is the dense model with the weights it had before training (seen by
+    a hook on the output), however far the student moves; without recorded weights the loss is refused."""
+    from tokenroute.methods.local_attention import distillation_loss, distillation_parameters, local_attention_off
+
+    model = local("dit", radius=1.5).train()
+    x, t, y = backbone_inputs(2, size=SIZE, seed=2)
+    with pytest.raises(RouteError, match="distillation_parameters"):
+        distillation_loss(model, lambda m: m(x, t, y))
+    with torch.no_grad(), local_attention_off(model):
+        dense_before = model(x, t, y)
+    optimizer = torch.optim.Adam(distillation_parameters(model), lr=1e-2)
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, out: None if tracing() else seen.append(out.detach().clone()))
+    for _ in range(5):
+        seen.clear()
+        loss, _ = distillation_loss(model, lambda m: m(x, t, y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        torch.testing.assert_close(seen[0], dense_before)  # the teacher's pass: the starting weights
+    handle.remove()
+    with torch.no_grad(), local_attention_off(model):
+        assert not torch.allclose(model(x, t, y), dense_before)  # the model's own dense output has moved
+
+
 @pytest.mark.parametrize("case", ["dit", "pixart", "sd3"])
 def test_diffusers_attention_processors_run_locally(case):
     """diffusers' DiT and PixArt (AttnProcessor2_0, with PixArt's cross-attention left dense) and SD3's joint

@@ -90,6 +90,7 @@ class LocalAttentionPatch(Patch):
         self.branches = self.attention.paths
         self.taps = self.attention.taps
         self.masks = LocalMasks()
+        self.teacher: tuple[list[nn.Parameter], list[torch.Tensor]] | None = None  # see distillation_parameters
         if config.pooled:
             d = config.pooled
             self.modules = {"local_attention_pool": nn.ParameterDict(
@@ -167,10 +168,39 @@ def local_attention_off(model: nn.Module) -> Iterator[None]:
         patch.enabled = True
 
 
+@contextlib.contextmanager
+def teacher_mode(model: nn.Module) -> Iterator[None]:
+    """The distillation teacher: dense attention, with the trained parameters as they were when
+    ``distillation_parameters`` was first called (their values are swapped in, then back)."""
+    patch = registry_of(model).get(NAME)
+    if patch.teacher is None:
+        raise RouteError("the distillation teacher's weights are not recorded: call distillation_parameters(model) "
+                         "once before training (it keeps the trained parameters' starting values as the teacher's)")
+    params, saved = patch.teacher
+    for i, (p, value) in enumerate(zip(params, saved)):
+        if value.device != p.device:  # the model moved after the values were recorded: they follow, once
+            saved[i] = value.to(p.device)
+    current = [p.data for p in params]
+    torch.clear_autocast_cache()  # autocast caches its casts of the weights by tensor: none may cross the swap
+    try:
+        for p, value in zip(params, saved):
+            p.data = value
+        with local_attention_off(model):
+            yield
+    finally:
+        for p, value in zip(params, current):
+            p.data = value
+        torch.clear_autocast_cache()
+
+
 def distillation_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What CLEAR's distillation trains: the image stream's query, key, value and output projections of every
     attention branch made local (its linear layers, less the text stream's ``add_*`` ones of joint attention),
-    and the pooling weights."""
+    and the pooling weights.
+
+    The first call also keeps these parameters' current values as the teacher's (a copy of them alone, not of the
+    model): the teacher is the model with local attention off and those values. A teacher sharing the trained
+    weights would move with the student, and both would drift to what local and dense attention agree on."""
     patch = registry_of(model).get(NAME)
     stack = patch.registry.stack
     found: list[nn.Parameter] = []
@@ -181,6 +211,8 @@ def distillation_parameters(model: nn.Module) -> list[nn.Parameter]:
                 found += list(module.parameters())
     if "local_attention_pool" in patch.modules:
         found += list(patch.modules["local_attention_pool"].parameters())
+    if patch.teacher is None:
+        patch.teacher = (found, [p.detach().clone() for p in found])
     return found
 
 
@@ -199,7 +231,8 @@ def distillation_loss(model: nn.Module, forward: Callable[[nn.Module], torch.Ten
                       config: DistillationConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One distillation loss: ``forward(model)`` runs the model on a batch (its prediction), once as the teacher
     (local attention off, no gradients) and once as the student; ``objective(prediction)`` is the model's own
-    loss on the batch (None: distillation alone). Returns the loss and its parts."""
+    loss on the batch (None: distillation alone). The teacher's weights are those recorded by
+    ``distillation_parameters``. Returns the loss and its parts."""
     config = config or DistillationConfig()
     patch = registry_of(model).get(NAME)
     stack = patch.registry.stack
@@ -211,7 +244,7 @@ def distillation_loss(model: nn.Module, forward: Callable[[nn.Module], torch.Ten
         lambda m, a, out: None if tracing() else outputs[role[0]].append(out if isinstance(out, torch.Tensor) else out[0]))
         for p, path in watched]
     try:
-        with torch.no_grad(), local_attention_off(model):
+        with torch.no_grad(), teacher_mode(model):
             teacher = forward(model)
         role[0] = "student"
         student = forward(model)
