@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 GLOBAL, POOLED = -1, -2
 KERNEL_TILE = (8, 16)  # one FlexAttention block of 128 tokens: the patch of the grid a block holds when ordered
+DENSE_CACHE_LIMIT = 2**22  # (query, key) pairs up to which SDPA's dense boolean mask is cached (4 MiB each)
 TileReach = int | tuple[int, int]  # tiles a window reaches each way, or (up-down, left-right)
 
 
@@ -141,6 +142,7 @@ class LocalMasks:
         self.blocks: OrderedDict[Hashable, Any] = OrderedDict()
         self.orders: OrderedDict[Hashable, Any] = OrderedDict()  # tile orders of a sequence and their inverses
         self.coords: OrderedDict[Hashable, Any] = OrderedDict()  # a layout's token coordinates on the grid
+        self.dense: OrderedDict[Hashable, Any] = OrderedDict()  # dense masks of short sequences (SDPA's path)
         self._flex: Any = None
 
     def cached(self, store: OrderedDict, key: Hashable | None, make: Any) -> Any:
@@ -237,7 +239,10 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=block, scale=scale)  # eager: forward only on the CPU
-    mask = local_mask(q_coords, kv_coords, **rule)
+    small = q_coords.dim() == 2 and q_coords.shape[0] * kv_coords.shape[0] <= DENSE_CACHE_LIMIT
+    make = lambda: local_mask(q_coords, kv_coords, **rule)  # noqa: E731
+    mask = masks.cached(masks.dense, key if extra_kv is None else (key, "pooled", k.shape[-2]), make) \
+        if masks is not None and key is not None and small else make()
     if mask.dim() == 3:
         mask = mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
