@@ -221,10 +221,11 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         masks = masks or LocalMasks()
         order, inverse = masks.cached(masks.orders, None if key is None else (key, "order"),
                                       lambda: _with_inverse(tile_sorted(q_coords, tile or KERNEL_TILE)))
-        out = local_attention(q[:, :, order], k[:, :, order], v[:, :, order], q_coords[order], kv_coords[order],
+        ordered = [x.index_select(2, order) for x in (q, k, v)]  # on the CPU half the time of x[:, :, order]
+        out = local_attention(*ordered, q_coords[order], kv_coords[order],
                               **rule, extra_kv=extra_kv, masks=masks, key=None if key is None else (key, "tile order"),
                               scale=scale, backend="flex_ordered")
-        return out[:, :, inverse]
+        return out.index_select(2, inverse)
     if extra_kv is not None:
         pooled = torch.full((*kv_coords.shape[:-2], extra_kv[0].shape[-2], kv_coords.shape[-1]), POOLED,
                             dtype=kv_coords.dtype, device=kv_coords.device)
