@@ -231,19 +231,17 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
                             dtype=kv_coords.dtype, device=kv_coords.device)
         kv_coords = torch.cat([kv_coords, pooled], dim=-2)
         k, v = torch.cat([k, extra_kv[0]], dim=-2), torch.cat([v, extra_kv[1]], dim=-2)
+        key = None if key is None else (key, "pooled", k.shape[-2])  # the masks of the sequence with pooled keys
+    masks = masks or LocalMasks()
     if use_flex or backend == "flex_ordered":
-        masks = masks or LocalMasks()
-        block = masks.block_mask(key if extra_kv is None or key is None else (key, "pooled", k.shape[-2]),
-                                 q_coords, kv_coords, rule)
+        block = masks.block_mask(key, q_coords, kv_coords, rule)
         if q.is_cuda:
             return masks.flex()(q, k, v, block_mask=block, scale=scale)
         from torch.nn.attention.flex_attention import flex_attention
 
         return flex_attention(q, k, v, block_mask=block, scale=scale)  # eager: forward only on the CPU
     small = q_coords.dim() == 2 and q_coords.shape[0] * kv_coords.shape[0] <= DENSE_CACHE_LIMIT
-    make = lambda: local_mask(q_coords, kv_coords, **rule)  # noqa: E731
-    mask = masks.cached(masks.dense, key if extra_kv is None else (key, "pooled", k.shape[-2]), make) \
-        if masks is not None and key is not None and small else make()
+    mask = masks.cached(masks.dense, key if small else None, lambda: local_mask(q_coords, kv_coords, **rule))
     if mask.dim() == 3:
         mask = mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
