@@ -12,12 +12,14 @@ results/local_attention.png.
 
     python benchmarks/local_attention.py                 # on the GPU
     python benchmarks/local_attention.py --smoke --cpu   # seconds on the CPU: checks the script runs
+    python benchmarks/local_attention.py --plot-only     # redraw the plot from results/local_attention.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -137,6 +139,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, part in zip(axes, ("attention", "model")):
@@ -147,7 +150,12 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         names = list(next(iter(rows.values()))[part])
         for name in names:
             ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows], "o-", label=name)
+        if part == "attention":
+            ax.axhline(5.0, ls="--", c="k", lw=1, label="target at 16K: 5x")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xticks([int(n) for n in rows], [f"{int(n) / 1024:g}K" if int(n) >= 1024 else n for n in rows])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
         ax.set_xlabel("image tokens")
         ax.set_ylabel("speed-up over dense attention (x)")
         ax.set_title("attention alone" if part == "attention" else "whole DiT-XL-sized forward")
@@ -179,7 +187,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "local_attention.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        payload = json.loads(args.out.read_text())
+        plot(payload, args.out.with_suffix(".png"))
+        return payload
     if args.smoke:
         args.tokens, args.radius, args.tile, args.tile_reach = [64, 256], [3.0], [4, 4], ["1x1"]
         args.heads, args.head_dim, args.width, args.depth, args.repeats, args.n = 2, 8, 32, 2, 1, 1
@@ -200,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_json(args.out, payload)  # what is measured so far survives a time limit
     plot(payload, args.out.with_suffix(".png"))
     return payload
+
 
 
 if __name__ == "__main__":

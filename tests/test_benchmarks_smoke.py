@@ -286,6 +286,9 @@ def test_local_attention_benchmark_smoke(tmp_path):
         assert set(run["attention"]) == set(run["model"]) and len(run["attention"]) == 3
         assert all(row["ms"] > 0 and row["speedup"] > 0 for part in run.values() for row in part.values())
     assert is_png(out.with_suffix(".png"))
+    out.with_suffix(".png").unlink()
+    assert local_attention.main(["--plot-only", "--out", str(out)])["runs"] == payload["runs"]  # redrawn from the file
+    assert is_png(out.with_suffix(".png"))
 
 
 @pytest.mark.slow
