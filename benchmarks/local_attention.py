@@ -3,8 +3,10 @@ tile-aligned windows (FlexAttention), for the attention alone and for a whole Di
 64K image tokens, with each mask's block sparsity.
 
 Attention alone: DiT-XL's 16 heads of 72 channels, batch 1 (``--batch``), bf16, forward; for the local variants
-also the kernel alone on inputs already in tile order (``kernel_ms``: the reordering and the call's overhead
-are the difference). Whole model: the project's DiT at
+also the call on inputs already in tile order, as the blocks of a stack run in tile order make it
+(``in_stack_ms``: the reordering around each call is the difference), and the kernel alone (``kernel_ms``: the
+call's host work is the difference). Whole model (the stack runs in tile order; ``--per-attention`` adds the
+model reordering around each attention instead): the project's DiT at
 DiT-XL's width 1152, depth 28 and 16 heads, patch 2, on latents of the size that gives the token count, batch 1,
 bf16, forward. Variants interleaved after warm-up, CUDA events, medians; torch.compile's counters kept
 (recompiles past its limit would run FlexAttention unfused). Writes results/local_attention.json and
@@ -72,7 +74,7 @@ def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device,
     q, k, v = (torch.randn(args.batch, args.heads, side * side, args.head_dim, device=device, dtype=dtype) for _ in range(3))
     coords = grid_coords(side, device)
     masks = LocalMasks()
-    calls, sparsity, kernels = {}, {}, {}
+    calls, sparsity, kernels, stacked = {}, {}, {}, {}
     for name, rule in variants(args).items():
         if not rule:
             calls[name] = lambda: F.scaled_dot_product_attention(q, k, v)
@@ -88,15 +90,25 @@ def attention_alone(tokens: int, args: argparse.Namespace, device: torch.device,
         sparsity[name] = block_sparsity(masks.blocks[ordered])
         if not q.is_cuda:  # eager FlexAttention on the CPU: nothing to compare with
             continue
-        # the kernel alone, on inputs already in tile order: what the reordering and the call's overhead cost
+        # on inputs already in tile order: the call as a stack run in tile order makes it (no gathers), and the
+        # kernel alone (the call's host work is the difference)
         order, _ = masks.orders[(name, "order")]
         qo, ko, vo = (x.index_select(2, order) for x in (q, k, v))
+        co = coords[order]
         block = masks.blocks[ordered]
+        stacked[name] = lambda qo=qo, ko=ko, vo=vo, co=co, rule=rule, name=name: local_attention(
+            qo, ko, vo, co, co, masks=masks, key=(name, "in stack"), backend=args.backend, **rule)
         kernels[name] = lambda qo=qo, ko=ko, vo=vo, block=block: masks.flex()(qo, ko, vo, block_mask=block)
-    ms = time_interleaved(calls | {f"{n} (kernel)": c for n, c in kernels.items()}, device, args.repeats, args.n)
-    return {name: {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name],
-                   **({"kernel_ms": ms[f"{name} (kernel)"]} if name in kernels else {})}
-            for name in calls}
+    ms = time_interleaved(calls | {f"{n} (in stack)": c for n, c in stacked.items()} |
+                          {f"{n} (kernel)": c for n, c in kernels.items()}, device, args.repeats, args.n)
+    rows = {}
+    for name in calls:
+        rows[name] = {"ms": ms[name], "speedup": ms["dense"] / ms[name], "block_sparsity": sparsity[name]}
+        if name in kernels:
+            rows[name] |= {"in_stack_ms": ms[f"{name} (in stack)"], "kernel_ms": ms[f"{name} (kernel)"],
+                           "in_stack_speedup": ms["dense"] / ms[f"{name} (in stack)"],
+                           "kernel_speedup": ms["dense"] / ms[f"{name} (kernel)"]}
+    return rows
 
 
 def compile_counters() -> dict[str, Any]:
@@ -116,10 +128,12 @@ def whole_model(tokens: int, args: argparse.Namespace, device: torch.device, dty
                    num_heads=args.heads).eval()
     models = {}
     for name, rule in variants(args).items():
-        model = copy.deepcopy(base)
-        if rule:
-            apply_local_attention(model, LocalAttentionConfig(backend=args.backend, **({"radius": None} | rule)))
-        models[name] = model
+        for reorder in ["stack", "attention"] if rule and args.per_attention else ["stack"]:
+            model = copy.deepcopy(base)
+            if rule:
+                apply_local_attention(model, LocalAttentionConfig(backend=args.backend, reorder=reorder,
+                                                                  **({"radius": None} | rule)))
+            models[name + (", reordered per attention" if reorder == "attention" else "")] = model
     x = torch.randn(args.batch, 4, side, side, device=device)
     t = torch.full((args.batch,), 500.0, device=device)
     y = torch.zeros(args.batch, dtype=torch.long, device=device)
@@ -148,8 +162,13 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             ax.set_visible(False)
             continue
         names = list(next(iter(rows.values()))[part])
-        for name in names:
-            ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows], "o-", label=name)
+        for i, name in enumerate(names):
+            line = ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows],
+                           "o:" if "per attention" in name else "o-", label=name, color=f"C{i}")
+            if part == "attention" and all("in_stack_speedup" in rows[n][part][name] for n in rows):
+                line[0].set(linestyle=":", label=f"{name}, reordered per call")
+                ax.plot([int(n) for n in rows], [rows[n][part][name]["in_stack_speedup"] for n in rows], "s-",
+                        color=f"C{i}", label=f"{name}, in tile order (as the stack runs)")
         if part == "attention":
             ax.axhline(5.0, ls="--", c="k", lw=1, label="target at 16K: 5x")
         ax.set_xscale("log", base=2)
@@ -182,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n", type=int, default=10, help="attention calls per timing")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--per-attention", action="store_true",
+                        help="also time the whole model reordering around each attention (reorder='attention')")
     parser.add_argument("--model-tokens", type=int, nargs="*", default=None,
                         help="time the whole model at these token counts only (default: every --tokens)")
     parser.add_argument("--cpu", action="store_true")
@@ -207,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         payload["compile_counters"] = compile_counters()
         for part, rows in run.items():
             for name, row in rows.items():
-                kernel = f"  kernel alone {row['kernel_ms']:.3f} ms" if "kernel_ms" in row else ""
+                kernel = f"  in stack {row['in_stack_ms']:.3f} ms ({row['in_stack_speedup']:.2f}x), kernel alone " \
+                    f"{row['kernel_ms']:.3f} ms" if "kernel_ms" in row else ""
                 print(f"{tokens:>6} tokens  {part:<9} {name:<28} {row['ms']:9.3f} ms  {row['speedup']:5.2f}x{kernel}",
                       flush=True)
         write_json(args.out, payload)  # what is measured so far survives a time limit

@@ -299,3 +299,103 @@ def test_paper_code_runs_locally(name):
             **inputs) for r in (100.0, 1.0)}
     torch.testing.assert_close(outputs[100.0], reference, rtol=0, atol=1e-5)
     assert not torch.allclose(outputs[1.0], reference, atol=1e-5)
+
+
+def _block_inputs(model: torch.nn.Module, block: int, *inputs) -> torch.Tensor:
+    """The token stream block ``block`` receives, seen by a hook on the block (not read from the library)."""
+    seen = []
+    handle = tokenroute.core.find_stack(model).blocks[block].register_forward_pre_hook(
+        lambda m, args: None if tracing() else seen.append(args[0]))
+    with torch.no_grad():
+        out = model(*inputs)
+    handle.remove()
+    return seen[-1], out
+
+
+def _flex_or_skip(model: torch.nn.Module, *inputs) -> None:
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"FlexAttention does not run on this CPU build: {type(err).__name__}: {err}")
+
+
+def test_the_stack_runs_in_tile_order_once_and_gives_the_same_attention():
+    """FlexAttention's tile order made once around the local blocks: the blocks inside receive their image tokens
+    tile by tile (4 x 4 tiles of the 8 x 8 grid), the model's output is the one made reordering around each
+    attention, and the dense-mask path's."""
+    rule = dict(tile=(4, 4), radius_tiles=0)
+    x, t, y = backbone_inputs(2, size=SIZE)
+    stack = apply_local_attention(copy.deepcopy(MODELS["dit"]), LocalAttentionConfig(backend="flex", **rule))
+    _flex_or_skip(stack, x, t, y)
+    each = apply_local_attention(copy.deepcopy(MODELS["dit"]), LocalAttentionConfig(backend="flex", reorder="attention",
+                                                                                      **rule))
+    inside, out = _block_inputs(stack, 1, x, t, y)
+    row_major, reference = _block_inputs(each, 1, x, t, y)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, local("dit", **rule)(x, t, y), rtol=1e-5, atol=1e-5)
+    lead = _lead(stack)
+    order, _ = tokenroute.core.locality.tile_order((8, 8), (4, 4))
+    assert not torch.equal(order, torch.arange(64))
+    torch.testing.assert_close(inside[:, :lead], row_major[:, :lead], rtol=0, atol=0)
+    torch.testing.assert_close(inside[:, lead: lead + 64], row_major[:, lead + order], rtol=1e-5, atol=1e-5)
+    assert "reordered" in tokenroute.explain(stack, x, t, y)
+
+
+def test_tile_order_gives_way_to_a_route_and_ratios_count_routes_only():
+    """With a TREAD route over block 1 the tile order runs in blocks 0 and 2 only (block 1 reorders around its
+    attention); the routed forward is the one reordering around each attention, and one ratio sets the one route."""
+    rule = dict(tile=(4, 4), radius_tiles=0, backend="flex")
+    x, t, y = backbone_inputs(2, size=SIZE)
+    outputs = []
+    for reorder in ("stack", "attention"):
+        model = tokenroute.wrap(copy.deepcopy(MODELS["dit"]), routes=[(1, 1, 0.5)], seed=3)
+        apply_local_attention(model, LocalAttentionConfig(reorder=reorder, **rule))
+        _flex_or_skip(model.eval(), x, t, y)
+        with torch.no_grad():
+            outputs.append(model.train()(x, t, y))
+        masks = tokenroute.routing_masks(model)
+        assert len(masks) == 1 and masks[0].sum() == 2 * 32
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    plan = tokenroute.core.patches.registry_of(model).splice.boundaries.plan
+    tokenroute.set_ratio(model, 0.25)
+    assert [s.route.ratio for s in plan.segments] == [0.25]
+    stacked = tokenroute.core.patches.registry_of(tokenroute.wrap(
+        apply_local_attention(copy.deepcopy(MODELS["dit"]), LocalAttentionConfig(**rule)), routes=[(1, 1, 0.5)]))
+    spans = [(s.route.start, s.route.end, s.optional) for s in stacked.splice.boundaries.plan.segments]
+    assert spans == [(0, 0, True), (1, 1, False), (2, 2, True)]
+    tokenroute.set_ratio(stacked.model, [0.25])
+    with pytest.raises(RouteError, match="2 ratios given for 1 routes"):
+        tokenroute.set_ratio(stacked.model, [0.25, 0.5])
+
+
+@pytest.mark.parametrize("case", ["sd3", "flux"])
+def test_joint_attention_keeps_text_where_the_processor_puts_it(case):
+    """SD3's processor attends over [image, text], Flux's over [text, image]: perturb one image token's attention
+    input in the first block, and exactly the image tokens within the radius change their attention output (a
+    text side read wrongly would shift every window by the text's length)."""
+    from family.cases_core import flux
+    from family.cases_g1 import sd3
+
+    plain, inputs = sd3() if case == "sd3" else flux(layers=1)
+    side, radius, (row, col) = (16, 2.5, (5, 9)) if case == "sd3" else (4, 1.5, (1, 2))
+    model = apply_local_attention(copy.deepcopy(plain).eval(), LocalAttentionConfig(
+        radius=radius, backend="sdpa", grid=None if case == "sd3" else (side, side)))
+    attention, outputs = tokenroute.core.find_stack(model).blocks[0].attn, []
+
+    def perturb(module, args, kwargs):
+        if len(outputs) == 1:
+            hidden = kwargs["hidden_states"].clone()
+            hidden[:, row * side + col] += 1.0
+            return args, {**kwargs, "hidden_states": hidden}
+
+    handles = [attention.register_forward_pre_hook(perturb, with_kwargs=True),
+               attention.register_forward_hook(lambda m, a, out: None if tracing() else outputs.append(out[0]))]
+    with torch.no_grad():
+        model(**inputs)
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    changed = ((outputs[-1] - outputs[-2]).abs().amax(-1) > 0)[0]
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    assert torch.equal(changed, ((ys - row) ** 2 + (xs - col) ** 2 < radius ** 2).flatten())

@@ -91,7 +91,7 @@ def test_sdpa_path_is_the_manual_rule_with_pooled_keys_for_image_queries_only():
 
 
 def test_flex_and_sdpa_agree_and_block_masks_are_cached_per_key():
-    coords = coords_of((8, 8), 1, 0)
+    coords = coords_of((8, 32), 1, 0)  # two 8 x 16 kernel tiles side by side: row-major is not tile order
     q, k, v, _, _ = qkv(len(coords))
     masks = LocalMasks()
     try:
@@ -107,6 +107,12 @@ def test_flex_and_sdpa_agree_and_block_masks_are_cached_per_key():
     assert masks.blocks[("a", "tile order")] is first and len(masks.blocks) == 1
     assert masks.orders[("a", "order")] is order and len(masks.orders) == 1
     assert 0.0 <= block_sparsity(first) <= 1.0
+    ordered = coords[order[0]]  # a sequence in tile order already (a stack run reordered): no gathers, same answer
+    with torch.no_grad():
+        flex = local_attention(q, k, v, ordered, ordered, radius=2.5, masks=masks, key="b", backend="flex")
+    torch.testing.assert_close(flex, local_attention(q, k, v, ordered, ordered, radius=2.5, backend="sdpa"),
+                               rtol=1e-5, atol=1e-5)
+    assert masks.orders[("b", "order")] is None and ("b", "tile order") not in masks.blocks and "b" in masks.blocks
     batched = torch.stack([coords, coords.flip(0)])
     with torch.no_grad():
         flex = local_attention(q, k, v, batched, batched, radius=2.5, masks=masks, backend="flex")

@@ -160,7 +160,7 @@ class PooledKeys:
         d = self.factors[position]
         if d == 1:
             return F.scaled_dot_product_attention(query, key, value, scale=scale)
-        if tokens.index is not None:
+        if not tokens.shared:
             raise RouteError(f"pooling attention in block {position}: it needs the whole grid, and the block runs inside "
                              "a route that keeps a subset of the tokens; end that route before it")
         if len(grid) != 2 or grid[0] % d or grid[1] % d:
@@ -168,8 +168,10 @@ class PooledKeys:
                              f"{'x'.join(map(str, grid))}; choose one that divides both sides")
         lead, trail = tokens.image_span(key.shape[-2])
         length = key.shape[-2]
+        rows = tokens.image_rows(length, device=key.device)  # a reordered stream's grid, row-major
 
         def pooled(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[:, :, :lead], pool_grid(x, grid, lead, trail, d), x[:, :, length - trail:]], dim=-2)
+            return torch.cat([x[:, :, :lead], pool_grid(x, grid, lead, trail, d, rows=rows), x[:, :, length - trail:]],
+                             dim=-2)
 
         return F.scaled_dot_product_attention(query, pooled(key), pooled(value), scale=scale)

@@ -98,7 +98,8 @@ BLOCK_REGISTRY: dict[str, BlockSpec] = {
     "BasicTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT, branches=(
         Branch("attention", "attn1"), Branch("cross_attention", "attn2", optional=True), Branch("mlp", "ff"))),
     "PixArtTransformerBlock": BlockSpec("hidden_states", context_args=_CONTEXT),
-    "JointTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
+    # SD3's JointAttnProcessor2_0 attends over [image, text], Flux's processor over [text, image]
+    "JointTransformerBlock": BlockSpec(**(_JOINT | dict(joint="text_last")), branches=_JOINT_BRANCHES),
     "FluxTransformerBlock": BlockSpec(**_JOINT, branches=_JOINT_BRANCHES),
     # attention and MLP run in parallel and are gated together: the block is one branch (its residual)
     "FluxSingleTransformerBlock": BlockSpec(**_JOINT, branches=()),

@@ -49,7 +49,9 @@ def set_ratio(model: nn.Module, ratio: float | Sequence[float]) -> None:
     """Change every route's ratio (a float, or one per route in block order) from now on; e.g. 0.0 to finish
     masked training unmasked (MaskDiT's unmasking tuning) or to anneal TREAD's ratio with a schedule."""
     boundaries = _boundaries(model)
-    for segment, value in zip(boundaries.plan.segments, boundaries.checked_ratios(ratio)):
+    plan = boundaries.plan
+    for i, value in zip(plan.routed, boundaries.checked_ratios(ratio)):
+        segment = plan.segments[i]
         segment.route = dataclasses.replace(segment.route, ratio=value)
 
 

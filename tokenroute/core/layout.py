@@ -90,10 +90,19 @@ INPUT_PACKINGS: dict[str, Callable[[dict[str, Any]], slice]] = {}
 @dataclass(frozen=True)
 class StreamTokens:
     """The tokens of a block's stream as the block runs: the full stream's ``layout`` and, where a route runs the
-    block on a subset of them, the kept positions ``index`` (B, K) in the full stream (None: every token)."""
+    block on a subset of them, the kept positions ``index`` (B, K) in the full stream (None: every token).
+    ``order``: the name of a fixed order of every token that the whole batch shares (``index`` (1, L), a route
+    that reorders the stream), so that what is read from it may be cached under that name; None: ``index`` is
+    each sample's own draw."""
 
     layout: TokenLayout
     index: torch.Tensor | None = None
+    order: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether every sample's tokens sit in the same places, the same in every forward (cacheable)."""
+        return self.index is None or self.order is not None
 
     def grid_index(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor:
         """(B or 1, size): each entry's place on the image grid (row-major), -1 for tokens that are not image
@@ -121,11 +130,23 @@ class StreamTokens:
         stream's, with joint attention's other tokens on the layout's ``joint`` side), where no route keeps a subset
         of the tokens (the image tokens are then contiguous); read from the layout, no device work."""
         layout = self.layout
-        if self.index is not None:
+        if self.index is not None and self.order is None:
             raise RouteError("the image tokens of a routed stream are not contiguous; they have no span")
         others = 0 if size is None else size - layout.length
         lead = layout.lead + (others if layout.joint == "text_first" else 0)
         return lead, layout.length + others - lead - layout.image
+
+    def image_rows(self, size: int | None = None, device: torch.device | None = None) -> torch.Tensor | None:
+        """(N,): where the grid's image tokens, row-major, sit in an attention sequence of ``size``, for a stream in
+        a shared order (a reordered stream keeps its image tokens in their span, in another order); None where they
+        sit row-major already (the span ``image_span`` gives)."""
+        if self.index is None:
+            return None
+        if self.order is None:
+            raise RouteError("the image tokens of a routed stream are a subset of the grid; they have no rows")
+        places = self.grid_index(size, device)[0]
+        positions = torch.nonzero(places >= 0).squeeze(1)
+        return positions[torch.argsort(places[positions])]
 
 
 def register_input_packing(model_class: type | str, image_tokens: Callable[[dict[str, Any]], slice]) -> None:

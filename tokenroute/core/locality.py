@@ -92,6 +92,19 @@ def tile_order(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[torch.Tens
 def tile_sorted(coords: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     """The order that puts a sequence's global tokens first, then its grid tokens tile by tile (each tile
     row-major; frames first), from the coordinates (L, n): the permutation ``tile_order`` gives for a bare grid."""
+    return torch.sort(tile_rank(coords, tile), stable=True).indices
+
+
+def in_tile_order(coords: torch.Tensor, tile: tuple[int, int]) -> bool:
+    """Whether a sequence's grid tokens already come tile by tile (its global tokens anywhere): a stream the
+    stack runs in tile order needs no reordering around each attention."""
+    rank = tile_rank(coords, tile)[coords[:, 0] >= 0]
+    return bool((rank[1:] > rank[:-1]).all())
+
+
+def tile_rank(coords: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """Each token's place in tile order (L,): 0 for global tokens, 1 + its rank among the grid's tokens ordered
+    tile by tile (each tile row-major; frames first)."""
     image = coords[:, 0] >= 0
     c = coords.clamp_min(0)
     spans = [int(c[:, i].max()) + 1 for i in range(c.shape[1])]
@@ -101,22 +114,27 @@ def tile_sorted(coords: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
     rank = ((c[:, -2] // th) * tiles_w + c[:, -1] // tw) * (th * tw) + (c[:, -2] % th) * tw + c[:, -1] % tw
     if c.shape[1] == 3:
         rank = rank + c[:, 0] * tiles_h * tiles_w * th * tw
-    rank = torch.where(image, rank + 1, torch.zeros_like(rank))
-    return torch.sort(rank, stable=True).indices
+    return torch.where(image, rank + 1, torch.zeros_like(rank))
 
 
-def _with_inverse(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reordering(coords: torch.Tensor, tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tile order of a sequence and its inverse; None where it comes in tile order already."""
+    if in_tile_order(coords, tile):
+        return None
+    order = tile_sorted(coords, tile)
     return order, torch.argsort(order)
 
 
 def pool_grid(x: torch.Tensor, grid: tuple[int, int], lead: int, trail: int, d: int,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens:
-    the grid pooled by d x d windows with ``weights`` (d * d,; None: the mean) -> (B, H, (Hg / d) * (Wg / d), D)."""
+              weights: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys or values (B, H, L, D) of a sequence holding ``lead`` tokens, the grid's row-major, ``trail`` tokens
+    (or, given ``rows``, the grid's tokens at those places, row-major: a reordered stream): the grid pooled by
+    d x d windows with ``weights`` (d * d,; None: the mean) -> (B, H, (Hg / d) * (Wg / d), D)."""
     if len(grid) != 2 or grid[0] % d or grid[1] % d:
         raise ValueError(f"pooled keys and values need a 2D grid divisible by d={d}, got {grid}")
     b, h, _, c = x.shape
-    image = x[:, :, lead: x.shape[2] - trail].reshape(b, h, grid[0] // d, d, grid[1] // d, d, c)
+    image = x[:, :, lead: x.shape[2] - trail] if rows is None else x.index_select(2, rows)
+    image = image.reshape(b, h, grid[0] // d, d, grid[1] // d, d, c)
     windows = image.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, h, grid[0] // d, grid[1] // d, d * d, c)
     pooled = windows.mean(-2) if weights is None else (windows * weights.to(x.dtype)[:, None]).sum(-2)
     return pooled.reshape(b, h, -1, c)
@@ -219,13 +237,16 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         # ordered tile by tile: each kernel block holds a patch of the grid (tile-aligned: wholly in or out of
         # every window); the output goes back to the sequence's order
         masks = masks or LocalMasks()
-        order, inverse = masks.cached(masks.orders, None if key is None else (key, "order"),
-                                      lambda: _with_inverse(tile_sorted(q_coords, tile or KERNEL_TILE)))
-        ordered = [x.index_select(2, order) for x in (q, k, v)]  # on the CPU half the time of x[:, :, order]
-        out = local_attention(*ordered, q_coords[order], kv_coords[order],
-                              **rule, extra_kv=extra_kv, masks=masks, key=None if key is None else (key, "tile order"),
-                              scale=scale, backend="flex_ordered")
-        return out.index_select(2, inverse)
+        ordering = masks.cached(masks.orders, None if key is None else (key, "order"),
+                                lambda: _reordering(q_coords, tile or KERNEL_TILE))
+        if ordering is not None:
+            order, inverse = ordering
+            ordered = [x.index_select(2, order) for x in (q, k, v)]  # on the CPU half the time of x[:, :, order]
+            out = local_attention(*ordered, q_coords[order], kv_coords[order], **rule, extra_kv=extra_kv,
+                                  masks=masks, key=None if key is None else (key, "tile order"), scale=scale,
+                                  backend="flex_ordered")
+            return out.index_select(2, inverse)
+        backend = "flex_ordered"  # the sequence comes in tile order already (the stack runs reordered)
     if extra_kv is not None:
         pooled = torch.full((*kv_coords.shape[:-2], extra_kv[0].shape[-2], kv_coords.shape[-1]), POOLED,
                             dtype=kv_coords.dtype, device=kv_coords.device)

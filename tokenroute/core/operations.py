@@ -305,6 +305,49 @@ class MaskTokens(DropTokens):
         return "skipped tokens come back as the mask token"
 
 
+class OrderTokens(DropTokens):
+    """The route's blocks run on every token, the image tokens in another order, the same for every sample and
+    every forward (local attention's tile order, so that each attention kernel block holds a patch of the grid
+    and no attention reorders on its own); at the exit the stream returns to its own order. A reordering is the
+    draw that keeps every token: tables, masks and skips follow it as they follow a TREAD route.
+
+    ``order(layout, device)`` gives the image tokens' order (N,), or None where the blocks run on the stream as
+    it is (a backend that does not gain from it); ``name`` names the order (what is cached under it)."""
+
+    def __init__(self, order: Callable[[TokenLayout, torch.device], torch.Tensor | None], name: str):
+        super().__init__(generator=None)
+        self.order, self.name = order, name
+
+    def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float,
+              shared: bool) -> DropRun:
+        batch, length = stream.shape[0], stream.shape[1]
+        if layout.length != length:
+            raise RouteError(f"blocks {route.start}..{route.end}: the stream has {length} tokens but its layout was "
+                             f"read for {layout.length}")
+        order = self.order(layout, stream.device)
+        keep = torch.arange(layout.image, device=stream.device) if order is None else order
+        keep = keep.expand(batch, -1)
+        if order is None:
+            return DropRun(keep, None, None, batch, length, length, layout.image, layout)
+        index = with_context(keep, layout.lead, layout.image, length)
+        return DropRun(keep, index, stream, batch, length, length, layout.image, layout)
+
+    def inner_tokens(self, run: DropRun, layout: TokenLayout) -> StreamTokens:
+        return StreamTokens(layout) if run.identity else StreamTokens(layout, run.index[:1], self.name)
+
+    def mask(self, run: DropRun) -> None:
+        return None  # every token runs the blocks
+
+    def reduction(self, run: DropRun) -> str | None:
+        return None  # the whole stream, in another order: what a block computes per token is unchanged
+
+    def describe(self) -> str:
+        return f"every token, the image tokens in {self.name}; the stream's own order back at the exit"
+
+    def span(self, route: Route) -> str:
+        return f"blocks {route.start}..{route.end}, reordered (no token skips)"
+
+
 @dataclass
 class PoolRun:
     """One pooled route in one forward: the stream as it entered, its pooled image grid, and the factor."""

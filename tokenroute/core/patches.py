@@ -11,6 +11,7 @@ splice whenever a patch comes or goes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -159,7 +160,7 @@ class PatchRegistry:
     # -- the plan ----------------------------------------------------------------------------------------------
     def _plan(self, patches: list[Patch]) -> tuple[Plan, str]:
         """Merge the patches' contributions; raise on any conflict."""
-        segments = sorted((s for p in patches for s in p.segments), key=lambda s: s.route.start)
+        segments = sorted((s for p in patches for s in p.segments if not s.optional), key=lambda s: s.route.start)
         for a, b in zip(segments, segments[1:]):
             if b.route.start <= a.route.end:
                 raise RouteError(
@@ -167,6 +168,9 @@ class PatchRegistry:
                     f"({b.method}) overlap; routes apply one after the other, so each block may belong to one "
                     "route at most")
         stages = sorted((s for p in patches for s in p.stages), key=lambda s: s.after)
+        for optional in (s for p in patches for s in p.segments if s.optional):
+            segments += _clipped(optional, segments, stages)
+        segments.sort(key=lambda s: s.route.start)
         for stage in stages:
             inside = [s for s in segments if s.route.start <= stage.after < s.route.end]
             if inside:
@@ -292,3 +296,20 @@ def remove_patch(model: nn.Module, name: str) -> Patch:
 def reset_state(model: nn.Module) -> None:
     """Reset every applied method's state that lasts across forwards (caches); call between generations."""
     registry_of(model).reset_state()
+
+
+def _clipped(segment: Segment, taken: list[Segment], stages: list[Stage]) -> list[Segment]:
+    """The pieces of an optional segment that no other segment spans, none holding a stage inside."""
+    busy = {b for s in taken for b in range(s.route.start, s.route.end + 1)}
+    cuts = {stage.after for stage in stages}
+    pieces: list[Segment] = []
+    start = None
+    for block in range(segment.route.start, segment.route.end + 2):
+        free = block <= segment.route.end and block not in busy
+        if free and start is None:
+            start = block
+        if start is not None and (not free or block in cuts):
+            end = block if free else block - 1
+            pieces.append(dataclasses.replace(segment, route=dataclasses.replace(segment.route, start=start, end=end)))
+            start = None
+    return pieces

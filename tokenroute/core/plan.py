@@ -23,6 +23,7 @@ class Segment:
     operation: TokenOperation
     method: str
     needed_in_eval: bool = False  # the operation runs in eval forwards too (token density at sampling)
+    optional: bool = False  # gives way: clipped around other methods' routes and stages (a reordering for speed)
 
 
 @dataclass
@@ -60,6 +61,12 @@ class Plan:
     @property
     def routes(self) -> list[Route]:
         return [s.route for s in self.segments]
+
+    @property
+    def routed(self) -> list[int]:
+        """The segments that take a ratio (every one but the optional reorderings), in block order: what a
+        ratio per route counts."""
+        return [i for i, s in enumerate(self.segments) if not s.optional]
 
     @property
     def needed_in_eval(self) -> bool:

@@ -18,6 +18,7 @@ locally instead. An attention branch that computes attention otherwise is refuse
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -26,10 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.attention import AttentionBranches
-from ..core.layout import StreamTokens
-from ..core.locality import LocalMasks, local_attention, pool_grid
+from ..core.layout import StreamTokens, TokenLayout
+from ..core.locality import KERNEL_TILE, LocalMasks, local_attention, pool_grid, tile_sorted
+from ..core.operations import OrderTokens
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
-from ..core.route import RouteError
+from ..core.plan import Segment
+from ..core.route import Route, RouteError
 from ..core.splice.tracer import tracing
 from ..core.stack import BlockStack
 
@@ -45,7 +48,9 @@ class LocalAttentionConfig:
     positions in the stack to apply it to (default: every block with a known attention branch); grid: (H, W) or
     (F, H, W) of the image tokens where the graph does not show it (Flux packs its latents with a linear layer),
     checked against the graph where it does; backend: "auto"
-    (FlexAttention on CUDA, SDPA with the dense mask elsewhere), "flex" or "sdpa"."""
+    (FlexAttention on CUDA, SDPA with the dense mask elsewhere), "flex" or "sdpa"; reorder: where FlexAttention's
+    sequence is put in tile order (each kernel block a patch of the grid): "stack", once where a run of local
+    blocks starts and back where it ends (inside another method's route, around each attention), or "attention"."""
 
     radius: float | None = 8.0
     tile: tuple[int, int] | None = None
@@ -55,6 +60,7 @@ class LocalAttentionConfig:
     grid: tuple[int, ...] | None = None  # the image tokens' grid, where the graph cannot show it (packed latents)
     frame_radius: int | None = None  # video: the frames a window spans each way (None: every frame)
     backend: str = "auto"
+    reorder: str = "stack"  # FlexAttention's tile order: "stack" (once around runs of local blocks) or "attention"
     stack: str | list[str] | None = None  # the block container(s) when the stack is not found automatically
 
     def check(self) -> None:
@@ -72,6 +78,9 @@ class LocalAttentionConfig:
             raise RouteError(f"LocalAttentionConfig.frame_radius={self.frame_radius} must be >= 0 (None: every frame)")
         if self.backend not in ("auto", "flex", "sdpa"):
             raise RouteError(f"LocalAttentionConfig.backend={self.backend!r} is not one of 'auto', 'flex', 'sdpa'")
+        if self.reorder not in ("stack", "attention"):
+            raise RouteError(f"LocalAttentionConfig.reorder={self.reorder!r} is not one of 'stack' (order the tokens "
+                             "tile by tile once around the local blocks) or 'attention' (around each attention)")
 
 
 class LocalAttentionPatch(Patch):
@@ -90,6 +99,10 @@ class LocalAttentionPatch(Patch):
         self.branches = self.attention.paths
         self.taps = self.attention.taps
         self.masks = LocalMasks()
+        if config.reorder == "stack":  # a run of same-class local blocks runs in tile order, where no route spans it
+            order = OrderTokens(self._stack_order, "tile order " + "x".join(map(str, config.tile or KERNEL_TILE)))
+            self.segments = [Segment(Route(a, b, 0.0), order, NAME, needed_in_eval=True, optional=True)
+                             for a, b in _runs(stack, sorted(self.branches))]
         self.teacher: tuple[list[nn.Parameter], list[torch.Tensor]] | None = None  # see distillation_parameters
         if config.pooled:
             d = config.pooled
@@ -110,6 +123,21 @@ class LocalAttentionPatch(Patch):
     def detach(self, stack: BlockStack) -> None:
         self.attention.detach()
 
+    def _stack_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        """The image tokens' tile order (N,) for a run of local blocks; None where FlexAttention does not run (the
+        dense-mask path gains nothing) or the grid is unknown (each attention then refuses on its own)."""
+        flex = self.config.backend == "flex" or (self.config.backend == "auto" and device.type == "cuda")
+        grid = layout.grid or self.config.grid
+        if not flex or grid is None or math.prod(grid) != layout.image:
+            return None
+        tile = self.config.tile or KERNEL_TILE
+
+        def order() -> torch.Tensor | None:  # None where row-major is tile order already (tiles as wide as the grid)
+            found = tile_sorted(_coords(torch.arange(layout.image, device=device), tuple(grid)), tile)
+            return None if torch.equal(found, torch.arange(layout.image, device=device)) else found
+
+        return self.masks.cached(self.masks.orders, ("stack", tuple(grid), tile, str(device)), order)
+
     def _local(self, position: int, tokens: StreamTokens, grid: tuple[int, ...], query: torch.Tensor,
                key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
@@ -118,21 +146,23 @@ class LocalAttentionPatch(Patch):
         self.attention.refuse_options(self.registry, position, q, k, attn_mask, dropout_p, is_causal, enable_gqa)
         layout, length = tokens.layout, q.shape[-2]
         cache_key = None
-        if tokens.index is None:  # one sequence's layout, shared by the batch: coordinates and block mask cached
-            cache_key = (tuple(grid), length, layout.lead, layout.joint, str(q.device))  # one rule per patch
+        if tokens.shared:  # one sequence's layout, shared by the batch: coordinates and block mask cached
+            cache_key = (tuple(grid), length, layout.lead, layout.joint, tokens.order, str(q.device))  # one rule per patch
             coords = self.masks.cached(self.masks.coords, cache_key,
                                        lambda: _coords(tokens.grid_index(length, device=q.device), grid)[0])
         else:  # a route's kept tokens, each sample's own
             coords = _coords(tokens.grid_index(length, device=q.device), grid)
         extra = None
         if self.config.pooled:
-            if tokens.index is not None:
+            if not tokens.shared:
                 raise RouteError("pooled keys and values need the whole grid; they do not run inside a route that "
                                  "keeps a subset of the tokens (end the route before these blocks, or pooled=None)")
             weights = self.modules["local_attention_pool"][str(position)]
             lead, trail = tokens.image_span(length)
-            extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights),
-                     pool_grid(v, grid, lead, trail, self.config.pooled, weights))
+            rows = self.masks.cached(self.masks.coords, (cache_key, "rows"),
+                                     lambda: tokens.image_rows(length, device=q.device))
+            extra = (pool_grid(k, grid, lead, trail, self.config.pooled, weights, rows),
+                     pool_grid(v, grid, lead, trail, self.config.pooled, weights, rows))
         return local_attention(q, k, v, coords, coords, radius=self.config.radius if self.config.tile is None else None,
                                tile=self.config.tile, radius_tiles=self.config.radius_tiles,
                                frame_radius=self.config.frame_radius, extra_kv=extra,
@@ -145,6 +175,18 @@ class LocalAttentionPatch(Patch):
         return [f"  local attention: {rule}{pooled}, backend {c.backend}, in {len(self.branches)} blocks' "
                 f"attention ({', '.join(stack.paths[p] + '.' + b for p, b in list(self.branches.items())[:3])}"
                 f"{', ...' if len(self.branches) > 3 else ''})"]
+
+
+def _runs(stack: BlockStack, positions: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive positions whose blocks share a class (where a stack changes block kind, Flux's
+    double-stream to single-stream blocks, its stream changes too): (first, last) each."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p - 1 and type(stack.blocks[p]) is type(stack.blocks[p - 1]):
+            runs[-1] = (runs[-1][0], p)
+        else:
+            runs.append((p, p))
+    return runs
 
 
 def _coords(index: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:

@@ -235,7 +235,7 @@ class Splice:
                 with torch.no_grad(), torch.random.fork_rng(devices=cuda):
                     self.original(*args, **kwargs)  # the model's own error on bad input surfaces here
                 raise RouteError(f"torch.fx could not trace {type(self.stack.owner).__name__}.forward: {err}") from err
-            if not self.boundaries.plan.prefix_declared and self.boundaries.plan.segments:
+            if not self.boundaries.plan.prefix_declared and self.boundaries.plan.routed:
                 raise RouteError(
                     f"torch.fx could not trace {type(self.stack.owner).__name__}.forward ({type(err).__name__}: "
                     f"{err}), so the token layout (which tokens of the stream are image tokens) cannot be read from "

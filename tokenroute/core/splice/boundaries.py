@@ -58,10 +58,10 @@ class Boundaries:
                      for segment, run in zip(self.plan.segments, self.runs)]
 
     def ratio(self, i: int) -> float:
-        if not self.routing:
+        if not self.routing or self.plan.segments[i].optional:
             return 0.0
         ratios = self.overrides.ratios
-        return self.plan.segments[i].route.ratio if ratios is None else ratios[i]
+        return self.plan.segments[i].route.ratio if ratios is None else ratios[self.plan.routed.index(i)]
 
     # -- boundaries ----------------------------------------------------------------------------------------
     def layout(self, stream: torch.Tensor) -> TokenLayout:
@@ -108,7 +108,9 @@ class Boundaries:
         the full stream. None where no layout is known (a forward the hooks splice runs, an untapped block)."""
         i = self.segment_of.get(block)
         run = self.runs[i] if i is not None and self.open == i else None
-        layout = self.tapped.get(block, getattr(run, "layout", None))
+        # a reordering lends no layout: under module hooks its run holds only the declared one, never read from a graph
+        own = run is not None and not self.plan.segments[i].optional
+        layout = self.tapped.get(block, run.layout if own else None)
         if layout is None:
             return None
         if run is None:
@@ -158,8 +160,8 @@ class Boundaries:
         return out
 
     def checked_ratios(self, ratio: float | list[float] | tuple[float, ...]) -> list[float]:
-        """One ratio per segment from a float or a sequence, each checked."""
-        count = len(self.plan.segments)
+        """One ratio per route (segment that takes a ratio) from a float or a sequence, each checked."""
+        count = len(self.plan.routed)
         ratios = [ratio] * count if isinstance(ratio, (int, float)) else list(ratio)
         if len(ratios) != count:
             raise RouteError(f"{len(ratios)} ratios given for {count} routes")
