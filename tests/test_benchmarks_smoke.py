@@ -280,10 +280,12 @@ def test_local_attention_benchmark_smoke(tmp_path):
     import local_attention
 
     out = tmp_path / "local_attention.json"
-    payload = local_attention.main(["--smoke", "--cpu", "--out", str(out)])
+    payload = local_attention.main(["--smoke", "--cpu", "--per-attention", "--out", str(out)])
     assert set(payload["runs"]) == {"64", "256"}
     for run in payload["runs"].values():
-        assert set(run["attention"]) == set(run["model"]) and len(run["attention"]) == 3
+        assert len(run["attention"]) == 3 and set(run["attention"]) < set(run["model"])
+        assert {n for n in run["model"] if n.endswith("reordered per attention")} == \
+            {f"{n}, reordered per attention" for n in run["attention"] if n != "dense"}
         assert all(row["ms"] > 0 and row["speedup"] > 0 for part in run.values() for row in part.values())
     assert is_png(out.with_suffix(".png"))
     out.with_suffix(".png").unlink()
