@@ -7,7 +7,8 @@ run, so both splice mechanisms (graph and hooks) only decide *which* values cros
 
 ``SkipTokens`` is TREAD (skipped tokens return with their route-start values); ``MaskTokens`` is MaskDiT
 (dropped tokens return as a learnable mask token); ``PoolTokens`` is token density (the route runs on the image
-grid pooled, its change comes back upsampled).
+grid pooled, its change comes back upsampled); ``OrderTokens`` is local attention's tile order (every token runs
+the route, the image tokens reordered, the stream's own order back at the exit).
 """
 
 from __future__ import annotations

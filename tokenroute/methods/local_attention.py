@@ -12,7 +12,9 @@ sequences (after TREAD routing, each kept token keeps its grid place) need nothi
 replaced where the model computes it: the attention branch's call of ``scaled_dot_product_attention`` (diffusers'
 processors, their ``dispatch_attention_fn`` native backend, timm's ``Attention``, the project's models) runs
 locally instead. An attention branch that computes attention otherwise is refused with the way to make it call
-``scaled_dot_product_attention``.
+``scaled_dot_product_attention``. For FlexAttention the stack runs its image tokens in tile order from the first
+block of each run of local blocks to the last (a route of this method's own, ``OrderTokens``, that gives way to
+other methods' routes), so that the attentions inside need no reordering of their own.
 """
 
 from __future__ import annotations
