@@ -38,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Timer, bench_device, environment, median, write_json  # noqa: E402
 
 
+PER_ATTENTION = ", reordered per attention"  # the model variant that reorders around each attention
+
+
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Dense, circular radius r, and tile windows (th x tw tiles, reaching ky tiles up and down, kx left and right)
     of comparable extent: with 8 x 16 tiles (one kernel block each), reach 1x0 is a 24 x 16 window (about r=8's
@@ -133,7 +136,7 @@ def whole_model(tokens: int, args: argparse.Namespace, device: torch.device, dty
             if rule:
                 apply_local_attention(model, LocalAttentionConfig(backend=args.backend, reorder=reorder,
                                                                   **({"radius": None} | rule)))
-            models[name + (", reordered per attention" if reorder == "attention" else "")] = model
+            models[name + (PER_ATTENTION if reorder == "attention" else "")] = model
     x = torch.randn(args.batch, 4, side, side, device=device)
     t = torch.full((args.batch,), 500.0, device=device)
     y = torch.zeros(args.batch, dtype=torch.long, device=device)
@@ -162,13 +165,15 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             ax.set_visible(False)
             continue
         names = list(next(iter(rows.values()))[part])
-        for i, name in enumerate(names):
+        bases = [n for n in names if not n.endswith(PER_ATTENTION)]  # one colour per rule in both panels
+        for name in names:
+            color = f"C{bases.index(name.removesuffix(PER_ATTENTION))}"
             line = ax.plot([int(n) for n in rows], [rows[n][part][name]["speedup"] for n in rows],
-                           "o:" if "per attention" in name else "o-", label=name, color=f"C{i}")
+                           "o:" if name.endswith(PER_ATTENTION) else "o-", label=name, color=color)
             if part == "attention" and all("in_stack_speedup" in rows[n][part][name] for n in rows):
                 line[0].set(linestyle=":", label=f"{name}, reordered per call")
                 ax.plot([int(n) for n in rows], [rows[n][part][name]["in_stack_speedup"] for n in rows], "s-",
-                        color=f"C{i}", label=f"{name}, in tile order (as the stack runs)")
+                        color=color, label=f"{name}, in tile order (as the stack runs)")
         if part == "attention":
             ax.axhline(5.0, ls="--", c="k", lw=1, label="target at 16K: 5x")
         ax.set_xscale("log", base=2)

@@ -22,7 +22,7 @@ def throughput(path: Path = RESULTS / "throughput.json") -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in data["results"]:
         v = {k: x["ms_per_step"] for k, x in r["variants"].items()}
-        name = r["model"] + (" (compiled)" if r["compile"] else "")
+        name = r["model"] + (" (compiled)" if r["compile"] else "") + (", fused AdamW" if "fused" in r.get("optimizer", "") else "")
         masked = (f"{v['masked']:.1f} ({r['masked_speedup']:.2f}x, {r['masked_ideal_speedup']:.2f}x)"
                   if "masked" in v else "")
         rows.append(f"| {name} | {r['batch']} | {v['unwrapped']:.1f} | {v['wrapped_off']:.1f} | {v['routed']:.1f} | "
@@ -133,7 +133,13 @@ if __name__ == "__main__":
     print()
     print(throughput(RESULTS / "throughput_compiled.json"))
     print()
+    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json"):
+        print()
+        print(throughput(RESULTS / name))
+    print()
     print(profile())
+    print()
+    print(profile(RESULTS / "profile_step_mamba_uvit.json"))
     print()
     print(convergence())
     print()
