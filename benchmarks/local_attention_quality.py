@@ -16,6 +16,7 @@ sessions:
 Writes results/local_attention_quality.json and .png.
 
     python benchmarks/local_attention_quality.py               # on the GPU
+    python benchmarks/local_attention_quality.py --keep        # measure only the variants the JSON lacks
     python benchmarks/local_attention_quality.py --smoke --cpu # a tiny stand-in: checks the script runs
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -54,10 +56,12 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def teacher(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Stages 1 and 2: the pretrained model, then its fine-tune at the larger grid."""
     base = pretrained.NAME + ("-smoke" if args.smoke else "")
+    name = TEACHER + ("-smoke" if args.smoke else "")
     common = dict(preset="tiny" if args.smoke else "small", size={} if args.smoke else None,
                   batch_size=16 if args.smoke else 256, data_dir=args.data_dir)
-    pretrained.ensure(base, device=device, minutes=0.05 if args.smoke else args.pretrain_minutes, **common)
-    return pretrained.ensure(TEACHER + ("-smoke" if args.smoke else ""), device=device, image_size=args.image_size,
+    if not pretrained.paths(name)[0].exists():  # the base is needed only to make the teacher
+        pretrained.ensure(base, device=device, minutes=0.05 if args.smoke else args.pretrain_minutes, **common)
+    return pretrained.ensure(name, device=device, image_size=args.image_size,
                              init=base, minutes=0.05 if args.smoke else args.finetune_minutes,
                              lr=args.finetune_lr, **common)
 
@@ -82,6 +86,23 @@ def student(model: torch.nn.Module, label: str, rule: dict[str, Any], args: argp
     pretrained.store(name, variant.state_dict(), {"name": name, "teacher": TEACHER, "rule": rule,
                                                    "distillation": summary, "environment": environment()})
     return variant.eval(), summary
+
+
+SETTINGS = ("image_size", "radius", "pooled", "distill_steps", "distill_samples", "distill_batch", "distill_lr",
+            "sample_steps", "cfg_scale", "fid_samples", "smoke")  # what makes two runs' FIDs comparable
+
+
+def kept(args: argparse.Namespace) -> dict[str, Any]:
+    """With ``--keep``: the variants ``--out`` holds, refused where they were measured with other settings."""
+    if not args.keep or not args.out.exists():
+        return {}
+    previous = json.loads(args.out.read_text())
+    differ = [k for k in SETTINGS if previous["config"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--keep: {args.out} was measured with other settings ({', '.join(differ)}); drop --keep or "
+                         "give the same settings")
+    when = previous["environment"].get("date")
+    return {label: row | {"measured": row.get("measured", when)} for label, row in previous["variants"].items()}
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -128,10 +149,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few samples: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "local_attention_quality.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the variants --out already holds (measured with the same settings), measure the rest")
     args = parser.parse_args(argv)
     if args.smoke:
         args.image_size, args.radius, args.pooled, args.distill_steps, args.distill_samples = 16, 2.0, 2, 3, 8
         args.distill_batch, args.sample_steps, args.fid_samples, args.batch = 4, 2, 20, 10
+    previous = kept(args)  # refused before any work where the settings differ
     device = bench_device(cpu=args.cpu)
     model, facts = teacher(args, device)
     students = {label: (rule, *student(model, label, rule, args, device)) for label, rule in variants(args).items()}
@@ -151,8 +175,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "environment": environment(), "config": vars(args) | {"out": str(args.out)},
         "teacher": {k: facts.get(k) for k in ("name", "init", "size", "steps", "minutes", "lr", "command")},
         "fid_features": f"Fashion-MNIST classifier, test accuracy {fid.classifier_info()['test_accuracy']:.4f}",
-        "variants": {}}
+        "variants": previous}
     for label, (kind, distilled, variant, extra) in measured.items():
+        if label in payload["variants"]:
+            continue
         images = caching.images(variant, sampler, args.fid_samples, args.batch, device, size=args.image_size)
         row = {"kind": kind, "distilled": distilled, "fid": meter(images),
                "class_accuracy": meter.accuracy(images, labels), **extra}

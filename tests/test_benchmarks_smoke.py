@@ -310,6 +310,18 @@ def test_local_attention_quality_benchmark_smoke(fid, data_dir, tmp_path, monkey
     assert len(cached) == 2
     again = local_attention_quality.main(argv + ["--stages", "models"])
     assert list(again["students"].values()) == [r["distillation"] for r in rows.values() if r["distilled"]]
+    out = tmp_path / "quality.json"  # --keep: a run cut short goes on where it stopped, nothing measured twice
+    partial = json.loads(out.read_text())
+    dropped = [label for label, row in rows.items() if row["distilled"]][-1]
+    del partial["variants"][dropped]
+    out.write_text(json.dumps(partial))
+    monkeypatch.setattr(local_attention_quality.caching, "images", counted := _Counted(local_attention_quality.caching.images))
+    resumed = local_attention_quality.main(argv + ["--keep"])
+    assert counted.calls == 1 and list(resumed["variants"]) == [*partial["variants"], dropped]
+    # the student now comes from the cache (weights stored as the cache stores them): nearly the same FID
+    assert resumed["variants"][dropped]["fid"] == pytest.approx(rows[dropped]["fid"], rel=0.02)
+    with pytest.raises(SystemExit, match="cfg_scale"):
+        local_attention_quality.main(argv + ["--keep", "--cfg-scale", "3.0"])
 
 
 @pytest.mark.slow
@@ -347,3 +359,14 @@ def test_largest_batch_finds_what_fits_to_within_six_percent(limit, start, cap):
     found = throughput.largest_batch(step_at, start, cap, torch.device("cpu"))
     best = min(limit, cap)
     assert found <= best and found >= best - max(1, best // 16) - 1
+
+
+class _Counted:
+    """A function that counts its calls."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
