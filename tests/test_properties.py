@@ -403,3 +403,30 @@ def test_untraceable_forward_falls_back_to_hooks_with_the_same_routing():
     strict = tokenroute.wrap(randomize(_ValueBranching(depth=6)), [(1, 3, 0.5)], mechanism="fx")
     with pytest.raises(tokenroute.RouteError, match="could not trace"):
         strict(x, c)
+
+
+@given(depth=st.integers(1, 12), data=st.data())
+def test_an_optional_segment_takes_exactly_the_free_blocks(depth, data):
+    """A reordering route (optional) gives way: its pieces cover exactly the blocks of its span that no other
+    route holds, never span a stage, and every route keeps its own span."""
+    from tokenroute.core.operations import OrderTokens
+    from tokenroute.core.patches import _clipped
+    from tokenroute.core.plan import Segment, Stage
+    from tokenroute.core.route import Route
+
+    cuts = sorted(data.draw(st.sets(st.integers(0, depth - 1), max_size=4)))
+    taken = []
+    for a, b in zip([0, *cuts], [*cuts, depth]):  # disjoint required routes from random cut points
+        if b > a and data.draw(st.booleans()):
+            taken.append(Segment(Route(a, b - 1, 0.5), None, "tread"))
+    stages = [Stage(s, torch.nn.Identity(), "masking") for s in data.draw(st.sets(st.integers(0, depth - 1), max_size=3))]
+    first = data.draw(st.integers(0, depth - 1))
+    span = Route(first, data.draw(st.integers(first, depth - 1)), 0.0)
+    optional = Segment(span, OrderTokens(lambda layout, device: None, "tile order"), "local_attention", optional=True)
+    pieces = _clipped(optional, taken, stages)
+    busy = {b for s in taken for b in range(s.route.start, s.route.end + 1)}
+    covered = [b for p in pieces for b in range(p.route.start, p.route.end + 1)]
+    assert sorted(covered) == covered and len(set(covered)) == len(covered)
+    assert set(covered) == {b for b in range(span.start, span.end + 1) if b not in busy}
+    assert not any(p.route.start <= s.after < p.route.end for p in pieces for s in stages)
+    assert all(p.optional and p.operation is optional.operation and p.route.ratio == 0.0 for p in pieces)
