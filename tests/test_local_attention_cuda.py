@@ -60,3 +60,22 @@ def test_a_model_on_cuda_matches_the_cpu_forward_and_backward(reorder):
     assert cpu_grads.keys() == gpu_grads.keys() and any("local_attention_pool" in n for n in gpu_grads)
     for name in cpu_grads:
         torch.testing.assert_close(gpu_grads[name], cpu_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_with_a_tread_route_on_cuda_the_stack_order_gives_the_same_step():
+    """A TREAD route over the middle block and local attention everywhere: the tile order runs in the blocks the
+    route leaves free, and the training step's output and gradients equal those of reordering per attention."""
+    import tokenroute
+
+    plain = make_backbone("dit", depth=3, size=64).cuda()
+    x, t, y = (v.cuda() for v in backbone_inputs(2, size=64))
+    results = []
+    for reorder in ("stack", "attention"):
+        model = tokenroute.wrap(copy.deepcopy(plain), routes=[(1, 1, 0.5)], seed=3)
+        apply_local_attention(model, LocalAttentionConfig(tile=(8, 16), radius_tiles=(1, 0), reorder=reorder))
+        out = model.train()(x, t, y)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-3, atol=1e-4, msg=name)
