@@ -117,10 +117,12 @@ def test_a_model_whose_grid_cannot_be_read_is_refused():
             return super().forward(x, t, y) if float(x.mean()) > -1e9 else x
 
     model.__class__ = ValueBranchingDiT
-    apply_local_attention(model, LocalAttentionConfig(radius=2.0))
     x, t, y = backbone_inputs(1, size=SIZE)
-    with pytest.raises(RouteError, match="not known"):
-        model(x, t, y)
+    for config in (dict(), dict(backend="flex", grid=(8, 8), tile=(4, 4), radius_tiles=0)):  # + a tile-order route
+        apply_local_attention(model, LocalAttentionConfig(radius=2.0, **config))
+        with pytest.raises(RouteError, match="not known"), torch.no_grad():
+            model(x, t, y)
+        remove_local_attention(model)
 
 
 def test_joint_attention_with_a_declared_grid():
