@@ -43,6 +43,7 @@ import pretrained  # noqa: E402
 from common import RESULTS, bench_device, environment, write_json  # noqa: E402
 
 TEACHER = pretrained.NAME + "-64"
+RECIPE = (2000, 4096)  # distillation steps and teacher samples of the cached students' names without a suffix
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -69,7 +70,9 @@ def teacher(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Mo
 def student(model: torch.nn.Module, label: str, rule: dict[str, Any], args: argparse.Namespace,
             device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Stage 3: a copy of the teacher with local attention, distilled (or read from the cache)."""
-    name = f"{TEACHER}-local-" + label.replace(" ", "").replace(",", "-") + ("-smoke" if args.smoke else "")
+    recipe = "" if (args.distill_steps, args.distill_samples) == RECIPE else \
+        f"-{args.distill_steps}steps-{args.distill_samples}samples"  # a longer distillation is another student
+    name = f"{TEACHER}-local-" + label.replace(" ", "").replace(",", "-") + recipe + ("-smoke" if args.smoke else "")
     variant = copy.deepcopy(model)
     if pretrained.paths(name)[0].exists():
         weights, facts = pretrained.read(name, "python benchmarks/local_attention_quality.py")
@@ -135,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pretrain-minutes", type=float, default=4.0, help="for the pretrained model, if missing")
     parser.add_argument("--finetune-minutes", type=float, default=3.0, help="for the teacher, if missing")
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
-    parser.add_argument("--distill-steps", type=int, default=2000)
-    parser.add_argument("--distill-samples", type=int, default=4096, help="teacher samples to distil on")
+    parser.add_argument("--distill-steps", type=int, default=RECIPE[0])
+    parser.add_argument("--distill-samples", type=int, default=RECIPE[1], help="teacher samples to distil on")
     parser.add_argument("--distill-batch", type=int, default=64)
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--sample-steps", type=int, default=20)
