@@ -174,9 +174,10 @@ class LocalAttentionPatch(Patch):
         c = self.config
         rule = f"radius {c.radius:g} tokens" if c.tile is None else f"tiles {c.tile[0]}x{c.tile[1]}, {c.radius_tiles} each way"
         pooled = f", pooled {c.pooled}x{c.pooled} keys and values" if c.pooled else ""
+        order = "the stack reordered where no other route runs" if c.reorder == "stack" else "each attention reordered"
         return [f"  local attention: {rule}{pooled}, backend {c.backend}, in {len(self.branches)} blocks' "
                 f"attention ({', '.join(stack.paths[p] + '.' + b for p, b in list(self.branches.items())[:3])}"
-                f"{', ...' if len(self.branches) > 3 else ''})"]
+                f"{', ...' if len(self.branches) > 3 else ''}); FlexAttention's tile order: {order}"]
 
 
 def _runs(stack: BlockStack, positions: list[int]) -> list[tuple[int, int]]:
