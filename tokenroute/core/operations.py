@@ -133,6 +133,13 @@ def needs_shared_selection(values: Any, roles: list[str], batch: int, length: in
                for t, role in leaves)
 
 
+def check_layout(route: Route, stream: torch.Tensor, layout: TokenLayout) -> None:
+    """A route begins on a stream as long as the layout it was read for."""
+    if layout.length != stream.shape[1]:
+        raise RouteError(f"route {route.start}..{route.end}: the stream has {stream.shape[1]} tokens but its layout "
+                         f"was read for {layout.length}")
+
+
 class TokenOperation:
     """Base class of what a route does at its boundaries. Subclasses define ``begin``, ``enter``, ``exit``
     and ``describe``; a run is whatever ``begin`` returns, handed back to ``enter`` and ``exit``."""
@@ -193,9 +200,7 @@ class DropTokens(TokenOperation):
             raise RouteError(f"route {route.start}..{route.end}: the token stream has shape {tuple(stream.shape)}; "
                              "expected (B, L, ...)")
         batch, length = stream.shape[0], stream.shape[1]
-        if layout.length != length:
-            raise RouteError(f"route {route.start}..{route.end}: the stream has {length} tokens but its layout was "
-                             f"read for {layout.length}")
+        check_layout(route, stream, layout)
         num_tokens = layout.image
         if num_tokens <= 0:
             raise RouteError(f"route {route.start}..{route.end}: {length} tokens with {layout.lead} prefix tokens "
@@ -322,9 +327,7 @@ class OrderTokens(DropTokens):
     def begin(self, route: Route, stream: torch.Tensor, *, layout: TokenLayout, ratio: float,
               shared: bool) -> DropRun:
         batch, length = stream.shape[0], stream.shape[1]
-        if layout.length != length:
-            raise RouteError(f"blocks {route.start}..{route.end}: the stream has {length} tokens but its layout was "
-                             f"read for {layout.length}")
+        check_layout(route, stream, layout)
         order = self.order(layout, stream.device)
         keep = torch.arange(layout.image, device=stream.device) if order is None else order
         keep = keep.expand(batch, -1)
@@ -386,9 +389,7 @@ class PoolTokens(TokenOperation):
         if factor < 1 or grid[0] % factor or grid[1] % factor:
             raise RouteError(f"route {route.start}..{route.end}: a pooling factor of {factor} does not divide the "
                              f"{grid[0]}x{grid[1]} grid; choose a factor that divides both sides")
-        if layout.length != stream.shape[1]:
-            raise RouteError(f"route {route.start}..{route.end}: the stream has {stream.shape[1]} tokens but its "
-                             f"layout was read for {layout.length}")
+        check_layout(route, stream, layout)
         run = PoolRun(stream, None, layout, factor)
         if factor > 1:
             run.pooled = self._pool(run, stream)

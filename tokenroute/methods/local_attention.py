@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..core.attention import AttentionBranches
 from ..core.layout import StreamTokens, TokenLayout
-from ..core.locality import KERNEL_TILE, LocalMasks, local_attention, pool_grid, tile_sorted
+from ..core.locality import KERNEL_TILE, LocalMasks, in_tile_order, local_attention, pool_grid, tile_sorted
 from ..core.operations import OrderTokens
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.plan import Segment
@@ -135,8 +135,8 @@ class LocalAttentionPatch(Patch):
         tile = self.config.tile or KERNEL_TILE
 
         def order() -> torch.Tensor | None:  # None where row-major is tile order already (tiles as wide as the grid)
-            found = tile_sorted(_coords(torch.arange(layout.image, device=device), tuple(grid)), tile)
-            return None if torch.equal(found, torch.arange(layout.image, device=device)) else found
+            coords = _coords(torch.arange(layout.image, device=device), tuple(grid))
+            return None if in_tile_order(coords, tile) else tile_sorted(coords, tile)
 
         return self.masks.cached(self.masks.orders, ("stack", tuple(grid), tile, str(device)), order)
 
