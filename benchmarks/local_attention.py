@@ -242,6 +242,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return payload
 
 
-
 if __name__ == "__main__":
     main()

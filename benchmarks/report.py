@@ -132,7 +132,6 @@ if __name__ == "__main__":
     print(throughput())
     print()
     print(throughput(RESULTS / "throughput_compiled.json"))
-    print()
     for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json"):
         print()
         print(throughput(RESULTS / name))
