@@ -89,6 +89,8 @@ def test_remove_restores_the_model_bitwise_and_bad_configs_are_refused():
         local("dit", radius=0.5)
     with pytest.raises(RouteError, match="stack has 3"):
         local("dit", blocks=[7])
+    with pytest.raises(RouteError, match="reorder='tiles' is not one of 'stack'"):
+        local("dit", reorder="tiles")
 
 
 def test_it_composes_with_tread_routing():
