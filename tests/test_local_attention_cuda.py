@@ -26,12 +26,14 @@ def _coords(rows: int, cols: int, lead: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("pooled", [False, True])
-def test_flex_on_cuda_is_the_dense_mask_on_the_cpu(rule, pooled):
-    """A 32 x 48 grid after 3 global tokens (not tile-aligned by row-major order), float32."""
+@pytest.mark.parametrize("dim", [16, 8])
+def test_flex_on_cuda_is_the_dense_mask_on_the_cpu(rule, pooled, dim):
+    """A 32 x 48 grid after 3 global tokens (not tile-aligned by row-major order), float32; head dim 8 is below
+    the compiled kernel's minimum (zero-padded)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     coords = _coords(32, 48, 3)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, len(coords), 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, len(coords), dim, generator=gen) for _ in range(3))
     extra = (pool_grid(k, (32, 48), 3, 0, 4), pool_grid(v, (32, 48), 3, 0, 4)) if pooled else None
     cpu = local_attention(q, k, v, coords, coords, extra_kv=extra, backend="sdpa", **rule)
     on = lambda t: t.cuda()  # noqa: E731
@@ -42,8 +44,8 @@ def test_flex_on_cuda_is_the_dense_mask_on_the_cpu(rule, pooled):
 
 @pytest.mark.parametrize("reorder", ["stack", "attention"])
 def test_a_model_on_cuda_matches_the_cpu_forward_and_backward(reorder):
-    """The project's DiT on a 32 x 32 grid (8 x 16 kernel tiles reorder it): outputs and parameter gradients on
-    CUDA with FlexAttention equal the CPU's dense-mask ones."""
+    """The project's DiT on a 32 x 32 grid (8 x 16 kernel tiles reorder it; head dim 8, padded for the kernel):
+    outputs and parameter gradients on CUDA with FlexAttention equal the CPU's dense-mask ones."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     plain = make_backbone("dit", depth=3, size=64)

@@ -156,3 +156,21 @@ def test_tile_windows_run_tile_by_tile_and_give_the_same_attention():
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"FlexAttention does not run on this CPU build: {type(err).__name__}: {err}")
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [(8, 8), (8, 24), (4, 16)])
+def test_flex_pads_head_dims_below_its_kernel_minimum(dims):
+    """FlexAttention's compiled kernels refuse head dims below 16: the flex path zero-pads queries, keys and values
+    and cuts the output back, with the true dim's scale: the same attention as the dense mask."""
+    coords = coords_of((8, 32), 1, 0)
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, len(coords), dims[0], generator=gen) for _ in range(2))
+    v = torch.randn(2, 2, len(coords), dims[1], generator=gen)
+    try:
+        with torch.no_grad():
+            flex = local_attention(q, k, v, coords, coords, radius=2.5, backend="flex")
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"FlexAttention does not run on this CPU build: {type(err).__name__}: {err}")
+    assert flex.shape == v.shape
+    torch.testing.assert_close(flex, local_attention(q, k, v, coords, coords, radius=2.5, backend="sdpa"),
+                               rtol=1e-5, atol=1e-5)

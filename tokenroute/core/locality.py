@@ -221,6 +221,28 @@ def block_sparsity(block_mask: Any) -> float:
     return 1.0 - float(run) / pairs
 
 
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller query, key and value head dims
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Any, masks: LocalMasks,
+          scale: float | None) -> torch.Tensor:
+    """FlexAttention with a block mask: compiled on CUDA, eager (forward only) on the CPU. Head dims below the
+    kernel's minimum are zero-padded: the padded channels add nothing to the scores (the scale stays that of
+    the true dim) and are cut from the output."""
+    dim, dim_v = q.shape[-1], v.shape[-1]
+    if min(dim, dim_v) < FLEX_MIN_HEAD_DIM:
+        qk = max(dim, FLEX_MIN_HEAD_DIM) - dim
+        q, k = F.pad(q, (0, qk)), F.pad(k, (0, qk))
+        out = _flex(q, k, F.pad(v, (0, max(dim_v, FLEX_MIN_HEAD_DIM) - dim_v)), block, masks,
+                    dim ** -0.5 if scale is None else scale)
+        return out[..., :dim_v]
+    if q.is_cuda:
+        return masks.flex()(q, k, v, block_mask=block, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block, scale=scale)
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords: torch.Tensor,
                     kv_coords: torch.Tensor, *, radius: float | None = None, tile: tuple[int, int] | None = None,
                     radius_tiles: TileReach | None = None, frame_radius: int | None = None,
@@ -255,12 +277,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
         key = None if key is None else (key, "pooled", k.shape[-2])  # the masks of the sequence with pooled keys
     masks = masks or LocalMasks()
     if use_flex or backend == "flex_ordered":
-        block = masks.block_mask(key, q_coords, kv_coords, rule)
-        if q.is_cuda:
-            return masks.flex()(q, k, v, block_mask=block, scale=scale)
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=block, scale=scale)  # eager: forward only on the CPU
+        return _flex(q, k, v, masks.block_mask(key, q_coords, kv_coords, rule), masks, scale)
     small = q_coords.dim() == 2 and q_coords.shape[0] * kv_coords.shape[0] <= DENSE_CACHE_LIMIT
     mask = masks.cached(masks.dense, key if small else None, lambda: local_mask(q_coords, kv_coords, **rule))
     if mask.dim() == 3:
