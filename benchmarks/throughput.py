@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -83,11 +84,13 @@ def make_step(forward, optimizer, inputs, autocast: bool) -> Callable[[], None]:
     device_type = x.device.type
 
     def step() -> None:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward(x, t, y).float().square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(x, t, y).float().square().mean()
+            loss.backward()
+            optimizer.step()
+        finally:  # a step that ran out of memory leaves no gradients behind
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -141,8 +144,10 @@ def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, st
 
 
 def fits(step: Callable[[], None], device: torch.device) -> bool:
-    """Whether one training step runs without running out of GPU memory (what it allocated is freed either way)."""
+    """Whether training steps run without running out of GPU memory: two in a row, the second in the allocator's
+    steady state (what they allocated is freed either way)."""
     try:
+        step()
         step()
         return True
     except torch.OutOfMemoryError:
@@ -180,14 +185,23 @@ def own_largest_batches(variants: dict[str, tuple[Callable[..., torch.Tensor], A
     """Each variant (name: forward, optimizer, model) at its own largest batch, from the unrouted model's
     (``known``) up to ``cap`` (routing frees memory: the gain a user gets): images/s and peak memory, variants
     interleaved, medians."""
-    chosen = dict(known)
+    alone = dict(known)
     start = max(known.values())
     for name, variant in variants.items():
-        if name not in chosen:
-            chosen[name] = largest_batch(step_at(*variant, device), start, cap, device)
-    step_fns = {name: step_at(*variant, device)(chosen[name]) for name, variant in variants.items()}
-    times, peak = time_steps(step_fns, device, steps, warmup, reps)
-    return {name: {"batch": chosen[name], "ms_per_step": median(times[name]),
+        if name not in alone:
+            alone[name] = largest_batch(step_at(*variant, device), start, cap, device)
+    chosen = dict(alone)
+    for _ in range(4):  # interleaved, a batch that fit alone may not: each batch 1/16 smaller, up to 4 times
+        step_fns = {name: step_at(*variant, device)(chosen[name]) for name, variant in variants.items()}
+        try:
+            times, peak = time_steps(step_fns, device, steps, warmup, reps)
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            chosen = {name: b * 15 // 16 for name, b in chosen.items()}
+    else:
+        raise SystemExit("the variants' largest batches do not run interleaved; give a smaller --largest-batch cap")
+    return {name: {"batch": chosen[name], "batch_fitting_alone": alone[name], "ms_per_step": median(times[name]),
                    "images_per_s": chosen[name] * 1000 / median(times[name]), "peak_memory_gib": peak[name] / 2**30}
             for name in step_fns}
 
@@ -214,14 +228,20 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
     fns = forwards(model, config.routes, compile_)
     fns["masked"] = torch.compile(masked) if compile_ else masked
     batch = config.batch
-    if batch_cap:  # the batch that fills the GPU for the unrouted model
+    if batch_cap:  # the batch that fills the GPU for the unrouted model, searched once every variant has stepped
+        for k, f in fns.items():  # (the optimizers' states and the wrap's traced graph take their memory first)
+            step_at(f, masked_optimizer if k == "masked" else optimizer, model, device)(config.batch)()
         batch = largest_batch(step_at(fns["unwrapped"], optimizer, model, device), config.batch, batch_cap, device)
     inputs = random_inputs(model, batch, device)
     autocast = device.type == "cuda"
     steps_fn = {k: make_step(f, masked_optimizer if k == "masked" else optimizer, inputs, autocast)
                 for k, f in fns.items()}
 
-    flops = variant_flops({**forwards(model, config.routes, False), "masked": masked}, inputs)
+    # counted in fp32 without autocast, so at the configured batch and scaled (linear in the batch): a batch that
+    # fills the GPU in bf16 would not fit the count
+    scale = batch / config.batch
+    flops = {k: round(f * scale) for k, f in variant_flops({**forwards(model, config.routes, False), "masked": masked},
+                                                           random_inputs(model, config.batch, device)).items()}
 
     times, peak = time_steps({k: steps_fn[k] for k in VARIANTS}, device, steps, warmup, reps)
     del steps_fn
@@ -324,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                "config": {"steps_per_repetition": steps, "repetitions": reps, "warmup_steps": warmup,
                           "autocast": "bf16" if device.type == "cuda" else None,
                           "optimizer": f"AdamW lr 1e-4 ({args.optimizer})", "largest_batch_cap": args.largest_batch,
-                          "tf32": device.type == "cuda"},
+                          "tf32": device.type == "cuda",
+                          "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},
                "targets": TARGETS,
                "results": []}
     modes = [True] if args.compile_only else [False, True] if args.compile else [False]
