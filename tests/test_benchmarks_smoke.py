@@ -366,6 +366,36 @@ def test_largest_batch_finds_what_fits_to_within_six_percent(limit, start, cap):
     assert found <= best and found >= best - max(1, best // 16) - 1
 
 
+def test_largest_batches_step_down_where_they_do_not_fit_interleaved(monkeypatch):
+    """Each variant's largest batch is searched alone; where the interleaved timing then runs out of memory
+    (together above a combined budget here), every batch steps down by 1/16 until it runs, and both are reported."""
+    import throughput
+
+    model = throughput.SMOKE_CONFIGS[0].build()
+    optimizer = torch.optim.AdamW(model.parameters())
+    monkeypatch.setattr(throughput, "largest_batch", lambda step_at, start, cap, device: 64)
+    real = throughput.time_steps
+
+    def time_steps(step_fns, *args):
+        if sum(fn.batch for fn in step_fns.values()) > 100:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(step_fns, *args)
+
+    def step_at(forward, opt, m, device):
+        def at(batch):
+            step = lambda: None  # noqa: E731
+            step.batch = batch
+            return step
+        return at
+
+    monkeypatch.setattr(throughput, "time_steps", time_steps)
+    monkeypatch.setattr(throughput, "step_at", step_at)
+    rows = throughput.own_largest_batches({"unwrapped": (model, optimizer, model), "routed": (model, optimizer, model)},
+                                          {"unwrapped": 60}, torch.device("cpu"), 1, 0, 1, 128)
+    assert {k: (r["batch_fitting_alone"], r["batch"]) for k, r in rows.items()} == {"unwrapped": (60, 48),
+                                                                                   "routed": (64, 52)}
+
+
 class _Counted:
     """A function that counts its calls."""
 
