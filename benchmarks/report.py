@@ -106,6 +106,20 @@ def local_attention(path: Path = RESULTS / "local_attention.json") -> str:
     return "\n".join(rows)
 
 
+def largest_batches(path: Path = RESULTS / "throughput_largest_batch_dit_xl.json") -> str:
+    """Each variant at its own largest batch (``throughput.py --largest-batch``)."""
+    data = json.loads(path.read_text())
+    rows = [f"{data['environment']['device']}, each variant at its own largest batch "
+            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
+            "| model | variant | batch alone | batch interleaved | ms per step | images/s | peak memory GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for result in data["results"]:
+        for name, v in result["own_largest_batch"].items():
+            rows.append(f"| {result['model']} | {name} | {v.get('batch_fitting_alone', '-')} | {v['batch']} | "
+                        f"{v['ms_per_step']:.1f} | {v['images_per_s']:.0f} | {v['peak_memory_gib']:.1f} |")
+    return "\n".join(rows)
+
+
 def local_attention_quality(path: Path = RESULTS / "local_attention_quality.json") -> str:
     data = json.loads(path.read_text())
     rows = [f"{data['environment']['device']}, FID of {data['config']['fid_samples']} samples on {data['fid_features']} "
@@ -132,9 +146,11 @@ if __name__ == "__main__":
     print(throughput())
     print()
     print(throughput(RESULTS / "throughput_compiled.json"))
-    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json"):
+    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json", "throughput_largest_batch_dit_xl.json"):
         print()
         print(throughput(RESULTS / name))
+    print()
+    print(largest_batches())
     print()
     print(profile())
     print()
