@@ -14,7 +14,7 @@ over repetitions:
     python benchmarks/throughput.py                 # GPU: DiT-B/2, DiT-XL/2, U-ViT-M/2, Mamba-B/2
     python benchmarks/throughput.py --compile       # the same under torch.compile
     python benchmarks/throughput.py --smoke         # CPU, tiny models, seconds
-    python benchmarks/throughput.py --largest-batch 4096   # also each variant at its own largest batch
+    python benchmarks/throughput.py --largest-batch 4096   # at the unrouted largest batch, then each at its own
 
 Every step runs with fused AdamW (what a performance-minded user runs) and with the unfused one
 (``--optimizer``). ``--largest-batch CAP`` times the variants at the largest batch (up to CAP) the unrouted model
