@@ -221,6 +221,11 @@ def block_sparsity(block_mask: Any) -> float:
     return 1.0 - float(run) / pairs
 
 
+def uses_flex(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` ("auto", "flex" or "sdpa") runs FlexAttention on ``device``: "auto" does on CUDA."""
+    return backend == "flex" or (backend == "auto" and device.type == "cuda")
+
+
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller query, key and value head dims
 
 
@@ -254,7 +259,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_coords:
     the dense mask), "flex" or "sdpa"."""
     check_rule(radius, tile, radius_tiles)
     rule = dict(radius=radius, tile=tile, radius_tiles=radius_tiles, frame_radius=frame_radius)
-    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda)
+    use_flex = uses_flex(backend, q.device)
     if use_flex and q_coords.dim() == 2 and q_coords is kv_coords:
         # ordered tile by tile: each kernel block holds a patch of the grid (tile-aligned: wholly in or out of
         # every window); the output goes back to the sequence's order

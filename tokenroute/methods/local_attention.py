@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..core.attention import AttentionBranches
 from ..core.layout import StreamTokens, TokenLayout
-from ..core.locality import KERNEL_TILE, LocalMasks, in_tile_order, local_attention, pool_grid, tile_sorted
+from ..core.locality import (KERNEL_TILE, LocalMasks, in_tile_order, local_attention, pool_grid, tile_sorted,
+                             uses_flex)
 from ..core.operations import OrderTokens
 from ..core.patches import Patch, PatchRegistry, registry_of, remove_patch
 from ..core.plan import Segment
@@ -128,9 +129,8 @@ class LocalAttentionPatch(Patch):
     def _stack_order(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
         """The image tokens' tile order (N,) for a run of local blocks; None where FlexAttention does not run (the
         dense-mask path gains nothing) or the grid is unknown (each attention then refuses on its own)."""
-        flex = self.config.backend == "flex" or (self.config.backend == "auto" and device.type == "cuda")
         grid = layout.grid or self.config.grid
-        if not flex or grid is None or math.prod(grid) != layout.image:
+        if not uses_flex(self.config.backend, device) or grid is None or math.prod(grid) != layout.image:
             return None
         tile = self.config.tile or KERNEL_TILE
 
