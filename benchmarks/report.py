@@ -11,15 +11,25 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def caption(text: str, path: Path) -> str:
+    """A table's caption, naming the result file it is read from."""
+    return f"{text} (`{path.relative_to(RESULTS.parent.parent)}`):"
+
+
+def header(columns: list[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+
+
 def throughput(path: Path = RESULTS / "throughput.json") -> str:
     data = json.loads(path.read_text())
     env = data["environment"]
-    rows = [f"Training step, {env['device']}, torch {env['torch']}, bf16 autocast, AdamW, median of "
-            f"{data['config']['repetitions']} interleaved repetitions of {data['config']['steps_per_repetition']} steps "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| model | batch | unwrapped ms | wrapped, routing off ms | routed ms | hand-written TREAD ms | FLOP-ideal | "
-            "achieved | achieved / ideal | routed / hand-written | off / unwrapped | MaskDiT ms (speed-up, ideal) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [caption(f"Training step, {env['device']}, torch {env['torch']}, bf16 autocast, AdamW, median of "
+                    f"{data['config']['repetitions']} interleaved repetitions of {data['config']['steps_per_repetition']} "
+                    "steps", path), "",
+            *header(["model", "batch", "unwrapped ms", "wrapped, routing off ms", "routed ms", "hand-written TREAD ms",
+                     "FLOP-ideal", "achieved", "achieved / ideal", "routed / hand-written", "off / unwrapped",
+                     "MaskDiT ms (speed-up, ideal)"])]
     for r in data["results"]:
         v = {k: x["ms_per_step"] for k, x in r["variants"].items()}
         name = r["model"] + (" (compiled)" if r["compile"] else "") + (", fused AdamW" if "fused" in r.get("optimizer", "") else "")
@@ -35,11 +45,9 @@ def throughput(path: Path = RESULTS / "throughput.json") -> str:
 def profile(path: Path = RESULTS / "profile_step.json") -> str:
     data = json.loads(path.read_text())
     env = data["environment"]
-    rows = [f"Kernel time per training step by category, {env['device']}, torch {env['torch']} "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| model | matmul ms | attention ms | optimizer ms | other ms | kernel speed-up | FLOP-ideal | "
-            "kernel speed-up / ideal | same without the optimizer |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [caption(f"Kernel time per training step by category, {env['device']}, torch {env['torch']}", path), "",
+            *header(["model", "matmul ms", "attention ms", "optimizer ms", "other ms", "kernel speed-up", "FLOP-ideal",
+                     "kernel speed-up / ideal", "same without the optimizer"])]
     for r in data["results"]:
         ms = r["kernel_ms_per_step"]
         cells = " | ".join(f"{ms['unwrapped'][c]:.1f} -> {ms['routed'][c]:.1f}"
@@ -53,12 +61,12 @@ def profile(path: Path = RESULTS / "profile_step.json") -> str:
 def convergence(path: Path = RESULTS / "convergence.json") -> str:
     data = json.loads(path.read_text())
     env, config, summary = data["environment"], data["config"], data["summary"]
-    rows = [f"Fashion-MNIST, DiT `{config.get('preset')}`, {env['device']}, {summary['baseline_gpu_seconds']:.0f} training "
-            f"GPU seconds per variant, AdamW lr {config.get('lr'):g}, FID of {config.get('num_samples')} samples against the test set on the features of "
-            f"a classifier with {data['classifier']['test_accuracy']:.3f} test accuracy "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| variant | images/s | final FID | GPU time to the baseline's final FID | ratio to the baseline's time |",
-            "| --- | --- | --- | --- | --- |"]
+    rows = [caption(f"Fashion-MNIST, DiT `{config.get('preset')}`, {env['device']}, {summary['baseline_gpu_seconds']:.0f} "
+                    f"training GPU seconds per variant, AdamW lr {config.get('lr'):g}, FID of {config.get('num_samples')} "
+                    "samples against the test set on the features of a classifier with "
+                    f"{data['classifier']['test_accuracy']:.3f} test accuracy", path), "",
+            *header(["variant", "images/s", "final FID", "GPU time to the baseline's final FID",
+                     "ratio to the baseline's time"])]
     for name, v in summary["variants"].items():
         reach = "not reached" if v["time_to_baseline_final_fid"] is None else f"{v['time_to_baseline_final_fid']:.1f} s"
         ratio = "-" if v["time_ratio_to_baseline"] is None else f"{v['time_ratio_to_baseline']:.2f}"
@@ -69,10 +77,10 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
 def caching(path: Path = RESULTS / "caching.json") -> str:
     """One table per step count, variants by their speed-up at a full batch."""
     data = json.loads(path.read_text())
-    rows = [f"{data['environment']['device']}, FID on {data['fid_features']} (`{path.relative_to(RESULTS.parent.parent)}`):"]
+    rows = [caption(f"{data['environment']['device']}, FID on {data['fid_features']}", path)]
     for steps, run in data["runs"].items():
-        rows += ["", f"| {steps} steps | speed-up, batch 1000 | speed-up, batch 1 | GFLOPs per image | slot calls computed "
-                 "| FID |", "| --- | --- | --- | --- | --- | --- |"]
+        rows += ["", *header([f"{steps} steps", "speed-up, batch 1000", "speed-up, batch 1", "GFLOPs per image",
+                              "slot calls computed", "FID"])]
         for name, v in sorted(run["variants"].items(), key=lambda item: item[1]["speedup_full_batch"]):
             computed = v.get("slot_calls_computed")
             rows.append(f"| {name} | {v['speedup_full_batch']:.2f}x | {v['speedup_batch_1']:.2f}x | "
@@ -87,10 +95,9 @@ def local_attention(path: Path = RESULTS / "local_attention.json") -> str:
     block sparsity; the whole model, and reordering around each attention where it was timed."""
     data = json.loads(path.read_text())
     batch = data["config"].get("batch", 1)
-    rows = [f"{data['environment']['device']}, bf16, batch {batch}, forward (`{path.relative_to(RESULTS.parent.parent)}`):",
-            "", "| image tokens | variant | attention ms (reordered per call) | in tile order ms | speed-up | "
-            "kernel alone ms | block sparsity | DiT-XL forward ms | speed-up | reordered per attention ms |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [caption(f"{data['environment']['device']}, bf16, batch {batch}, forward", path), "",
+            *header(["image tokens", "variant", "attention ms (reordered per call)", "in tile order ms", "speed-up",
+                     "kernel alone ms", "block sparsity", "DiT-XL forward ms", "speed-up", "reordered per attention ms"])]
     for tokens, run in data["runs"].items():
         for name, a in run["attention"].items():
             models = run.get("model", {})
@@ -109,10 +116,9 @@ def local_attention(path: Path = RESULTS / "local_attention.json") -> str:
 def largest_batches(path: Path = RESULTS / "throughput_largest_batch_dit_xl.json") -> str:
     """Each variant at its own largest batch (``throughput.py --largest-batch``)."""
     data = json.loads(path.read_text())
-    rows = [f"{data['environment']['device']}, each variant at its own largest batch "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| model | variant | batch alone | batch interleaved | ms per step | images/s | peak memory GiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [caption(f"{data['environment']['device']}, each variant at its own largest batch", path), "",
+            *header(["model", "variant", "batch alone", "batch interleaved", "ms per step", "images/s",
+                     "peak memory GiB"])]
     for result in data["results"]:
         for name, v in result["own_largest_batch"].items():
             rows.append(f"| {result['model']} | {name} | {v.get('batch_fitting_alone', '-')} | {v['batch']} | "
@@ -122,9 +128,9 @@ def largest_batches(path: Path = RESULTS / "throughput_largest_batch_dit_xl.json
 
 def local_attention_quality(path: Path = RESULTS / "local_attention_quality.json") -> str:
     data = json.loads(path.read_text())
-    rows = [f"{data['environment']['device']}, FID of {data['config']['fid_samples']} samples on {data['fid_features']} "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| variant | FID | over the teacher's | samples recognised as their class |", "| --- | --- | --- | --- |"]
+    rows = [caption(f"{data['environment']['device']}, FID of {data['config']['fid_samples']} samples on "
+                    f"{data['fid_features']}", path), "",
+            *header(["variant", "FID", "over the teacher's", "samples recognised as their class"])]
     for name, v in data["variants"].items():
         rows.append(f"| {name} | {v['fid']:.2f} | {v['fid_over_teacher']:.2f}x | {v['class_accuracy']:.1%} |")
     return "\n".join(rows)
@@ -132,10 +138,10 @@ def local_attention_quality(path: Path = RESULTS / "local_attention_quality.json
 
 def token_density(path: Path = RESULTS / "token_density.json") -> str:
     data = json.loads(path.read_text())
-    rows = [f"{data['environment']['device']}, {data['config']['steps']} Euler steps, batch {data['config']['batch']}, FID of "
-            f"{data['config']['fid_samples']} samples on {data['fid_features']} "
-            f"(`{path.relative_to(RESULTS.parent.parent)}`):", "",
-            "| variant | images/s | throughput | FLOPs | FID |", "| --- | --- | --- | --- | --- |"]
+    rows = [caption(f"{data['environment']['device']}, {data['config']['steps']} Euler steps, batch "
+                    f"{data['config']['batch']}, FID of {data['config']['fid_samples']} samples on "
+                    f"{data['fid_features']}", path), "",
+            *header(["variant", "images/s", "throughput", "FLOPs", "FID"])]
     for name, v in data["variants"].items():
         rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['throughput_speedup']:.2f}x | {v['flops_share']:.0%} | "
                     f"{v['fid']:.2f} |")
