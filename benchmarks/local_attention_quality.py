@@ -109,22 +109,28 @@ def kept(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
+    """FID per variant on a linear axis from 0, each bar labelled with its FID and its ratio to the teacher's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch as Swatch
 
     rows = payload["variants"]
-    fig, ax = plt.subplots(figsize=(8, 4))
     names = list(rows)
-    ax.bar(range(len(names)), [rows[n]["fid"] for n in names],
-           color=["0.4" if rows[n]["kind"] == "teacher" else "C0" if rows[n]["distilled"] else "C1" for n in names])
+    colours = {"teacher": "0.4", "distilled": "C0", "not distilled": "C1"}
+    kinds = ["teacher" if rows[n]["kind"] == "teacher" else "distilled" if rows[n]["distilled"] else "not distilled"
+             for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(range(len(names)), [rows[n]["fid"] for n in names], color=[colours[k] for k in kinds])
+    ax.bar_label(bars, [f"{rows[n]['fid']:.2f} ({rows[n]['fid_over_teacher']:.2f}x)" for n in names], fontsize=8)
     teacher_fid = rows["teacher (dense)"]["fid"]
-    ax.axhline(teacher_fid * 1.1, ls="--", c="k", lw=1, label="teacher + 10%")
+    ax.axhline(teacher_fid * 1.1, ls="--", c="k", lw=1)
     ax.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
     ax.set_ylabel(f"FID ({payload['fid_features']})", fontsize=8)
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, max(rows[n]["fid"] for n in names) * 1.15)
+    ax.legend(handles=[Swatch(color=colours[k], label=k) for k in colours if k in kinds]
+              + [plt.Line2D([], [], ls="--", c="k", lw=1, label="target: teacher + 10%")], fontsize=8, loc="upper left")
     ax.set_title(f"Local attention on a 32x32-token DiT: FID, {payload['environment']['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
