@@ -2,8 +2,8 @@
 
 Every variant starts from the same weights and sees the same batches, noise levels and label dropout
 (`tokenroute.training.StepBatches` and `step_generator`, one seed); only the routing and the loss mode
-differ. Training is EDM (`tokenroute.losses.EDM`, combined per token by `tokenroute.losses.combine`), AdamW,
-label dropout 0.1, bf16 autocast on a GPU, an EMA of the weights.
+differ. Training is EDM (`tokenroute.losses.EDM`, combined per token by `tokenroute.losses.combine`), AdamW
+(fused on a GPU unless --optimizer foreach), label dropout 0.1, bf16 autocast on a GPU, an EMA of the weights.
 
 The clock is the GPU time of the training steps alone: CUDA events around chunks of steps (the wall clock on
 a CPU), summed; sampling and FID are not counted. At `--evals` evenly spaced points of the budget (and once
@@ -20,6 +20,7 @@ the baseline's total (the target is <= 0.5); images per second of training.
     python benchmarks/convergence.py --budget-seconds 60 --evals 2 --num-samples 5000   # about 6 minutes
     python benchmarks/convergence.py --variants baseline      # one variant now ...
     python benchmarks/convergence.py --variants tread_routes,tread_all --append         # ... the others later
+    python benchmarks/convergence.py --step-times 20          # only each variant's step, side by side (ms, speed-up)
     python benchmarks/convergence.py --smoke                  # CPU, tiny preset, seconds
     python benchmarks/convergence.py --smoke --data-dir DIR   # another copy of the idx files
 
@@ -36,6 +37,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance at sampling; 1 = off")
     p.add_argument("--batch-size", type=int, default=None, help="default by preset (PRESET_DEFAULTS)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-4 (--smoke: by preset)")
+    p.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
+                   help="AdamW's implementation on a GPU: fused (what a performance-minded user runs) or foreach "
+                        "(PyTorch's default, the earlier results' files)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (sampling stays eager)")
+    p.add_argument("--step-times", type=int, default=0, metavar="N",
+                   help="only time each variant's training step: interleaved repetitions of N steps after warm-up, "
+                        "medians (no budget, no FID); writes convergence_step_times.json unless --output")
     p.add_argument("--label-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay (warmed up as min(decay, (1 + step) / (10 + step)))")
@@ -209,6 +218,7 @@ class Evaluator:
         self.classifier_accuracy, self.reference_accuracy = classifier_accuracy, reference_accuracy
         self.log = log
         self._initial: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+        self.earlier_initial: dict[str, Any] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -230,7 +240,10 @@ class Evaluator:
                 "sample_seconds": sampled - began, "fid_seconds": time.perf_counter() - sampled}
 
     def initial(self, module: torch.nn.Module) -> dict[str, Any]:
-        """The step-0 evaluation, computed once for every set of initial weights that is the same."""
+        """The step-0 evaluation, computed once for every set of initial weights that is the same (an earlier
+        run's in the file --append extends: its settings, seed included, match, so its weights do)."""
+        if self.earlier_initial is not None:
+            return {**self.earlier_initial, "shared": True}
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         for known, result in self._initial:
             if known.keys() == state.keys() and all(torch.equal(known[k], state[k]) for k in state):
@@ -245,11 +258,21 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------------
 
 
-def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: dict[str, torch.Tensor],
-                  evaluate: Evaluator, device: torch.device, on_eval: Callable[[dict[str, Any]], None],
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    wall_began = time.perf_counter()
-    task = evaluate.task
+@dataclass
+class Trainee:
+    """One variant ready to train: the model (wrapped or masked as the recipe says), its EMA copy and a
+    training step ``step(index, update=True) -> loss`` that reads batch ``index`` and updates model and EMA."""
+
+    model: torch.nn.Module
+    ema: EMA
+    step: Callable[..., torch.Tensor]
+    routes: list[tuple[int, int, float]] | None
+    depth: int
+
+
+def prepare_variant(variant: Variant, args: argparse.Namespace, data: dict[str, torch.Tensor], task: Any,
+                    device: torch.device) -> Trainee:
+    """Build the variant's model from the seed (the same weights for every variant), its optimizer and step."""
     objective = task.objective
     torch.manual_seed(args.seed)  # same initial weights for every variant
     model = build_model(args.backbone, args.preset)
@@ -265,15 +288,17 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
     ema.module.to(device)
     combine_kwargs = dict(variant.kwargs.get("combine", {}))
     mae_weight = float(combine_kwargs.get("mae_weight", 0.0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999),
+                                  fused=args.optimizer == "fused" and cuda)
     images, labels = data["images"], data["labels"]
     batches = StepBatches(len(images), args.batch_size, seed=args.seed)
     patch_size, null_label = model.patch_size, model.num_classes
-    cuda = device.type == "cuda"
+    forward = torch.compile(model) if args.compile else model  # the routing masks are read from `model` either way
 
     def backbone(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            return model(x, t, y)
+            return forward(x, t, y)
 
     model_fn = task.backbone_fn(backbone)
 
@@ -298,11 +323,25 @@ def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: d
         optimizer.zero_grad(set_to_none=True)
         return parts["total"]
 
-    # Warm-up, untimed and without an update: the first routed forward traces the model; kernels, cuBLAS
-    # and the allocator warm up. The weights stay as they are.
-    step(0, update=False)
-    if cuda:
+    return Trainee(model, ema, step, routes, depth)
+
+
+def warm_up(trainee: Trainee, args: argparse.Namespace, device: torch.device) -> None:
+    """Untimed steps without an update (the weights stay as they are): the first routed forward traces the
+    model, torch.compile compiles, kernels, cuBLAS and the allocator warm up."""
+    for _ in range(3 if args.compile else 1):
+        trainee.step(0, update=False)
+    if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def train_variant(name: str, variant: Variant, args: argparse.Namespace, data: dict[str, torch.Tensor],
+                  evaluate: Evaluator, device: torch.device, on_eval: Callable[[dict[str, Any]], None],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    wall_began = time.perf_counter()
+    trainee = prepare_variant(variant, args, data, evaluate.task, device)
+    ema, step, routes, depth = trainee.ema, trainee.step, trainee.routes, trainee.depth
+    warm_up(trainee, args, device)
 
     points = [{"step": 0, "images": 0, "gpu_seconds": 0.0, "train_loss": None, **evaluate.initial(ema.module)}]
     log(f"{name}: step 0 FID {points[0]['fid']}")
@@ -424,7 +463,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 # Settings that must agree for --append to put runs side by side.
 APPEND_MATCH = ("smoke", "backbone", "preset", "budget_seconds", "evals", "num_samples", "num_reference",
                 "sample_steps", "sample_batch", "cfg_scale", "batch_size", "lr", "label_dropout", "ema_decay", "seed",
-                "chunk_steps", "device", "model_config")
+                "chunk_steps", "device", "model_config", "optimizer", "compile")
 
 
 def previous_variants(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +483,42 @@ def previous_variants(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
                          + "; ".join(differ) + "); use another --output or the same settings")
     return dict(old.get("variants", {}))
 
+
+def optimizer_text(args: argparse.Namespace, device: torch.device) -> str:
+    kind = args.optimizer if device.type == "cuda" else "foreach"
+    return f"AdamW ({kind}) lr {args.lr}, betas (0.9, 0.999), no weight decay"
+
+
+def step_times(names: Sequence[str], args: argparse.Namespace, data: dict[str, torch.Tensor], device: torch.device,
+               output: Path, log: Callable[[str], None], reps: int = 5) -> dict[str, Any]:
+    """Each variant's training step as the budgeted runs take it, side by side: every variant built and warmed
+    up, then `reps` rounds that run `args.step_times` steps of each in turn; the median ms per step."""
+    task = make_task("edm")
+    trainees = {name: prepare_variant(VARIANTS[name], args, data, task, device) for name in names}
+    for trainee in trainees.values():
+        warm_up(trainee, args, device)
+    timer, n = Timer(device), args.step_times
+    ms: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name, trainee in trainees.items():
+            first = 1 + rep * n
+            steps = iter(range(first, first + n))
+            ms[name].append(timer(lambda: trainee.step(next(steps)), n))
+    base = statistics.median(ms[names[0]])
+    results = {name: {"ms_per_step": statistics.median(v), "ms_per_step_all": v,
+                      "images_per_s": args.batch_size * 1000 / statistics.median(v),
+                      f"speedup_over_{names[0]}": base / statistics.median(v)} for name, v in ms.items()}
+    for name, r in results.items():
+        log(f"{name:>14}: {r['ms_per_step']:.2f} ms/step, {r['images_per_s']:.0f} img/s, "
+            f"{r[f'speedup_over_{names[0]}']:.3f}x")
+    config = {"backbone": args.backbone, "preset": args.preset, "batch_size": args.batch_size,
+              "optimizer": optimizer_text(args, device), "compile": args.compile, "steps_per_rep": n, "reps": reps,
+              "autocast": "bf16" if device.type == "cuda" else None, "model_config": model_config(args.backbone,
+                                                                                                  args.preset)}
+    payload = {"benchmark": "convergence_step_times", "environment": environment(device), "config": config,
+               "variants": results}
+    write_json(payload, output)
+    return payload
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -476,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         test_images, test_labels = test_images[:args.num_reference], test_labels[:args.num_reference]
     data = {"images": pad_images(train_images).to(device), "labels": train_labels.to(device)}
     reference = pad_images(test_images)
+    if args.step_times:
+        return step_times(names, args, data, device, args.output or fidlib.RESULTS_DIR / "convergence_step_times.json",
+                          log)
 
     info = fidlib.classifier_info(args.classifier)
     meter = fidlib.FIDMeter(reference, weights=args.classifier, device=device)
@@ -489,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("output", "quiet")}
     config.update(variants=names, num_samples=evaluate.per_class * NUM_CLASSES, objective="edm",
                   sampler=f"EDM Heun, {args.sample_steps} steps, EMA weights, unrouted, eval mode",
-                  optimizer=f"AdamW lr {args.lr}, betas (0.9, 0.999), no weight decay",
+                  optimizer=optimizer_text(args, device),
                   autocast="bf16" if device.type == "cuda" else None,
                   model_config=model_config(args.backbone, args.preset), device=str(device),
                   clock="CUDA events around training steps" if device.type == "cuda" else "wall clock (CPU)")
@@ -507,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.append and output.is_file():
         payload["variants"] = previous_variants(output, payload)
         config["variants"] = list(dict.fromkeys([*payload["variants"], *names]))
+        evaluate.earlier_initial = next((r["evals"][0] for r in payload["variants"].values()
+                                         if r.get("evals") and r["evals"][0]["step"] == 0), None)
     png = output.with_suffix(".png")
 
     def save() -> None:  # after every evaluation: a run cut short keeps its figures and plot

@@ -62,7 +62,8 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
     data = json.loads(path.read_text())
     env, config, summary = data["environment"], data["config"], data["summary"]
     rows = [caption(f"Fashion-MNIST, DiT `{config.get('preset')}`, {env['device']}, {summary['baseline_gpu_seconds']:.0f} "
-                    f"training GPU seconds per variant, AdamW lr {config.get('lr'):g}, FID of {config.get('num_samples')} "
+                    f"training GPU seconds per variant, batch {config.get('batch_size')}, "
+                    f"{config.get('optimizer', '').split(',')[0]}, FID of {config.get('num_samples')} "
                     "samples against the test set on the features of a classifier with "
                     f"{data['classifier']['test_accuracy']:.3f} test accuracy", path), "",
             *header(["variant", "images/s", "final FID", "GPU time to the baseline's final FID",
@@ -71,6 +72,30 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
         reach = "not reached" if v["time_to_baseline_final_fid"] is None else f"{v['time_to_baseline_final_fid']:.1f} s"
         ratio = "-" if v["time_ratio_to_baseline"] is None else f"{v['time_ratio_to_baseline']:.2f}"
         rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['final_fid']:.2f} | {reach} | {ratio} |")
+    return "\n".join(rows)
+
+
+STEP_TIME_FILES = ("convergence_step_times_b128_foreach.json", "convergence_step_times_b128_fused.json",
+                   "convergence_step_times_b128_fused_compiled.json", "convergence_step_times_b256_fused.json")
+
+
+def step_times(names: tuple[str, ...] = STEP_TIME_FILES) -> str:
+    """The time-to-quality benchmark's training step per setting (``convergence.py --step-times``): ms per step
+    of the first variant, each variant's speed-up over it."""
+    runs = [(RESULTS / name, json.loads((RESULTS / name).read_text())) for name in names]
+    variants = list(runs[0][1]["variants"])
+    rows = [f"Training step of the time-to-quality benchmark, {runs[0][1]['environment']['device']}, DiT "
+            f"`{runs[0][1]['config']['preset']}`, bf16 autocast, median of {runs[0][1]['config']['reps']} interleaved "
+            "repetitions (`benchmarks/results/convergence_step_times_*.json`):", "",
+            *header(["batch", "AdamW", "torch.compile", f"{variants[0]} ms",
+                     *(f"{v} speed-up" for v in variants[1:])])]
+    for _, run in runs:
+        config, v = run["config"], run["variants"]
+        kind = config["optimizer"].split("(")[1].split(")")[0]
+        rows.append(f"| {config['batch_size']} | {kind} | {'yes' if config['compile'] else 'no'} | "
+                    f"{v[variants[0]]['ms_per_step']:.1f} | "
+                    + " | ".join(f"{v[variants[0]]['ms_per_step'] / v[name]['ms_per_step']:.2f}x" for name in variants[1:])
+                    + " |")
     return "\n".join(rows)
 
 
@@ -152,11 +177,14 @@ if __name__ == "__main__":
     print(throughput())
     print()
     print(throughput(RESULTS / "throughput_compiled.json"))
-    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json", "throughput_largest_batch_dit_xl.json"):
+    largest = ("throughput_largest_batch_dit_xl.json", "throughput_largest_batch_others.json",
+               "throughput_largest_batch_mamba.json")
+    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json", *largest):
         print()
         print(throughput(RESULTS / name))
-    print()
-    print(largest_batches())
+    for name in largest:
+        print()
+        print(largest_batches(RESULTS / name))
     print()
     print(profile())
     print()
@@ -165,6 +193,10 @@ if __name__ == "__main__":
     print(convergence())
     print()
     print(convergence(RESULTS / "convergence_lr1e-4.json"))
+    print()
+    print(step_times())
+    print()
+    print(convergence(RESULTS / "convergence_long.json"))
     print()
     print(caching())
     print()

@@ -28,6 +28,7 @@ import argparse
 import copy
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -125,21 +126,28 @@ def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[s
 def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int,
                reps: int) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each variant's milliseconds per step in every repetition (``steps`` steps each, variants interleaved in a
-    rotating order, after ``warmup`` steps: compilation, autotuning, allocator) and its peak memory in bytes."""
-    for fn in step_fns.values():
-        for _ in range(warmup):
-            fn()
+    rotating order, after ``warmup`` steps: compilation, autotuning, allocator) and its peak memory in bytes.
+    Running out of memory raises with a note naming the variant and the memory then in use."""
     timer = Timer(device)
     names = list(step_fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     peak: dict[str, int] = {k: 0 for k in names}
-    for rep in range(reps):
-        for k in names[rep % len(names):] + names[: rep % len(names)]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[k].append(timer(step_fns[k], steps))
-            if device.type == "cuda":
-                peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
+    k = names[0]
+    try:
+        for k, fn in step_fns.items():
+            for _ in range(warmup):
+                fn()
+        for rep in range(reps):
+            for k in names[rep % len(names):] + names[: rep % len(names)]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                times[k].append(timer(step_fns[k], steps))
+                if device.type == "cuda":
+                    peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
+    except torch.OutOfMemoryError as err:
+        err.add_note(f"out of memory in {k}'s step with {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+                     f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved")
+        raise
     return times, peak
 
 
@@ -179,6 +187,27 @@ def largest_batch(step_at: Callable[[int], Callable[[], None]], start: int, cap:
     return low
 
 
+def time_stepping_down(steps_for: Callable[[dict[str, int]], dict[str, Callable[[], None]]], batches: dict[str, int],
+                       device: torch.device, steps: int, warmup: int, reps: int,
+                       ) -> tuple[dict[str, int], dict[str, list[float]], dict[str, int]]:
+    """`time_steps` of the variants at ``batches`` (name: batch; ``steps_for`` makes their steps). A batch that
+    fit a variant alone may not fit interleaved with the others (their optimizer states, the allocator's
+    fragmentation): on running out of memory every batch steps down by 1/16, up to 4 times. Returns the
+    batches timed, the times and the peak memory."""
+    failures = []
+    for _ in range(4):
+        try:
+            times, peak = time_steps(steps_for(batches), device, steps, warmup, reps)
+            return batches, times, peak
+        except torch.OutOfMemoryError as err:
+            failures.append(f"batches {batches}: {'; '.join(getattr(err, '__notes__', []))}")
+            print(f"stepping down: {failures[-1]}", file=sys.stderr, flush=True)
+        torch.cuda.empty_cache()  # after the except block: the error's frames no longer hold the failed step's tensors
+        batches = {name: b * 15 // 16 for name, b in batches.items()}
+    raise SystemExit("the variants' largest batches do not run interleaved (" + " | ".join(failures)
+                     + "); give a smaller --largest-batch cap")
+
+
 def own_largest_batches(variants: dict[str, tuple[Callable[..., torch.Tensor], Any, torch.nn.Module]],
                         known: dict[str, int], device: torch.device, steps: int, warmup: int, reps: int,
                         cap: int) -> dict[str, Any]:
@@ -190,20 +219,22 @@ def own_largest_batches(variants: dict[str, tuple[Callable[..., torch.Tensor], A
     for name, variant in variants.items():
         if name not in alone:
             alone[name] = largest_batch(step_at(*variant, device), start, cap, device)
-    chosen = dict(alone)
-    for _ in range(4):  # interleaved, a batch that fit alone may not: each batch 1/16 smaller, up to 4 times
-        step_fns = {name: step_at(*variant, device)(chosen[name]) for name, variant in variants.items()}
-        try:
-            times, peak = time_steps(step_fns, device, steps, warmup, reps)
-            break
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            chosen = {name: b * 15 // 16 for name, b in chosen.items()}
-    else:
-        raise SystemExit("the variants' largest batches do not run interleaved; give a smaller --largest-batch cap")
+    chosen, times, peak = time_stepping_down(
+        lambda batches: {name: step_at(*variant, device)(batches[name]) for name, variant in variants.items()},
+        alone, device, steps, warmup, reps)
     return {name: {"batch": chosen[name], "batch_fitting_alone": alone[name], "ms_per_step": median(times[name]),
                    "images_per_s": chosen[name] * 1000 / median(times[name]), "peak_memory_gib": peak[name] / 2**30}
-            for name in step_fns}
+            for name in variants}
+
+
+def shared_batch_steps(fns: dict[str, Callable[..., torch.Tensor]], optimizers: dict[str, Any], model: torch.nn.Module,
+                       device: torch.device) -> Callable[[dict[str, int]], dict[str, Callable[[], None]]]:
+    """batches -> one training step per variant, all on the same random inputs (the variants' common batch)."""
+    def steps_for(batches: dict[str, int]) -> dict[str, Callable[[], None]]:
+        inputs = random_inputs(model, max(batches.values()), device)
+        return {k: make_step(fns[k], optimizers[k], inputs, device.type == "cuda") for k in optimizers}
+
+    return steps_for
 
 
 def step_at(forward: Callable[..., torch.Tensor], optimizer: Any, model: torch.nn.Module,
@@ -232,24 +263,24 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         for k, f in fns.items():  # (the optimizers' states and the wrap's traced graph take their memory first)
             step_at(f, masked_optimizer if k == "masked" else optimizer, model, device)(config.batch)()
         batch = largest_batch(step_at(fns["unwrapped"], optimizer, model, device), config.batch, batch_cap, device)
-    inputs = random_inputs(model, batch, device)
-    autocast = device.type == "cuda"
-    steps_fn = {k: make_step(f, masked_optimizer if k == "masked" else optimizer, inputs, autocast)
-                for k, f in fns.items()}
+    batch_fitting_alone = batch
 
     # counted in fp32 without autocast, so at the configured batch and scaled (linear in the batch): a batch that
     # fills the GPU in bf16 would not fit the count
-    scale = batch / config.batch
-    flops = {k: round(f * scale) for k, f in variant_flops({**forwards(model, config.routes, False), "masked": masked},
-                                                           random_inputs(model, config.batch, device)).items()}
+    flops_configured = variant_flops({**forwards(model, config.routes, False), "masked": masked},
+                                     random_inputs(model, config.batch, device))
 
-    times, peak = time_steps({k: steps_fn[k] for k in VARIANTS}, device, steps, warmup, reps)
-    del steps_fn
+    optimizers = {k: masked_optimizer if k == "masked" else optimizer for k in VARIANTS}
+    batches, times, peak = time_stepping_down(shared_batch_steps(fns, optimizers, model, device),
+                                              dict.fromkeys(VARIANTS, batch), device, steps, warmup, reps)
+    batch = batches[VARIANTS[0]]
+    flops = {k: round(f * batch / config.batch) for k, f in flops_configured.items()}
     ms = {k: median(v) for k, v in times.items()}
     ideal = flops["unwrapped"] / flops["routed"]
     achieved = ms["unwrapped"] / ms["routed"]
     result = {
         "model": config.name, "batch": batch, "routes": config.routes, "compile": compile_,
+        **({"batch_fitting_alone": batch_fitting_alone} if batch_cap else {}),
         "optimizer": "AdamW, fused" if fused else "AdamW",
         "tokens": model.x_embedder.num_patches if hasattr(model, "x_embedder") else model.patch_embed.num_patches,
         "variants": {k: {"ms_per_step": ms[k], "images_per_s": batch * 1000 / ms[k],
@@ -265,12 +296,11 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         "masked_speedup": ms["unwrapped"] / ms["masked"],
     }
     if batch_cap:
-        del inputs
         result["own_largest_batch"] = own_largest_batches(
             {"unwrapped": (fns["unwrapped"], optimizer, model), "routed": (fns["routed"], optimizer, model),
              "masked": (fns["masked"], masked_optimizer, masked)}, {"unwrapped": batch}, device, steps, warmup, reps,
             batch_cap)
-    del model, masked, optimizer, masked_optimizer, fns
+    del model, masked, optimizer, masked_optimizer, optimizers, fns
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

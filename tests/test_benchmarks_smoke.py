@@ -178,6 +178,37 @@ def test_convergence_smoke(fid, data_dir, tmp_path):
                 s["time_to_baseline_final_fid"] / summary["baseline_gpu_seconds"])
 
 
+def test_convergence_append_reuses_the_earlier_step0_evaluation(fid, data_dir, tmp_path):
+    """Variants start from the same weights: an appended run takes the step-0 FID from the file instead of sampling
+    again (what sampling gives is the same: the in-process run above shares one evaluation among its variants)."""
+    import convergence
+    out = tmp_path / "appended.json"
+    common = ["--smoke", "--data-dir", str(data_dir), "--no-download", "--output", str(out), "--budget-seconds", "0.3",
+              "--evals", "1", "--num-samples", "20", "--sample-steps", "2", "--quiet"]
+    first = convergence.main([*common, "--variants", "baseline"])
+    second = convergence.main([*common, "--variants", "tread_all", "--append"])
+    assert list(second["variants"]) == ["baseline", "tread_all"]
+    assert second["variants"]["baseline"] == json.loads(json.dumps(first["variants"]["baseline"]))
+    step0 = second["variants"]["tread_all"]["evals"][0]
+    assert step0["shared"] is True and step0["fid"] == first["variants"]["baseline"]["evals"][0]["fid"]
+    assert second["variants"]["tread_all"]["evals"][1]["step"] > 0
+
+
+def test_convergence_step_times(fid, data_dir, tmp_path):
+    """--step-times times each variant's training step side by side, with no budget and no FID."""
+    import convergence
+    out = tmp_path / "step_times.json"
+    payload = convergence.main(["--smoke", "--data-dir", str(data_dir), "--no-download", "--output", str(out),
+                                "--variants", "baseline,tread_all", "--step-times", "2", "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload, default=str))
+    assert payload["config"]["steps_per_rep"] == 2 and payload["config"]["compile"] is False
+    assert list(payload["variants"]) == ["baseline", "tread_all"]
+    for r in payload["variants"].values():
+        assert len(r["ms_per_step_all"]) == payload["config"]["reps"] and r["ms_per_step"] > 0
+        assert r["images_per_s"] == pytest.approx(payload["config"]["batch_size"] * 1000 / r["ms_per_step"])
+    assert payload["variants"]["baseline"]["speedup_over_baseline"] == 1.0
+
+
 def test_convergence_rejects_bad_arguments(fid, data_dir, tmp_path):
     import convergence
     common = ["--smoke", "--data-dir", str(data_dir), "--no-download", "--quiet"]

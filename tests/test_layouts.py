@@ -578,3 +578,38 @@ def test_a_registered_input_packing_keeps_the_packed_reference_tokens_out_of_rou
     assert tokenroute.routing_masks(model)[0].shape == (2, 16)
     assert torch.equal(seen["x"][:, -4:], full["x"][:, -4:])  # the reference tokens, untouched
     assert "packs other tokens into its image input (registered)" in tokenroute.explain(model)
+
+
+class OutOfMemoryBlock(nn.Module):
+    """Runs out of memory on a subset of the tokens, as a big batch can."""
+
+    def __init__(self, dim: int = 8, tokens: int = 16):
+        super().__init__()
+        self.proj, self.tokens = nn.Linear(dim, dim), tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] < self.tokens:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 648.00 MiB.")
+        return x + self.proj(x)
+
+
+class OutOfMemoryModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([OutOfMemoryBlock() for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("mechanism", ["fx", "hooks"])
+def test_running_out_of_memory_inside_a_route_is_not_explained_as_a_layout_problem(mechanism):
+    """Callers that step a batch down catch torch.OutOfMemoryError: a route must not turn it into a RouteError
+    that blames the token layout."""
+    model = OutOfMemoryModel()
+    tokenroute.wrap(model, [(1, 2, 0.5)], seed=0, mechanism=mechanism)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory") as caught:
+        model.train()(torch.randn(2, 16, 8))
+    assert not isinstance(caught.value, RouteError)

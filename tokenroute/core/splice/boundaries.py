@@ -127,9 +127,10 @@ class Boundaries:
 
     def explain_failure(self, err: Exception, paths: list[str]) -> RouteError | None:
         """An error raised while a segment's blocks ran on a subset of the tokens, as a RouteError that says
-        why; None where no segment was reducing the stream (the model's own error stands)."""
+        why; None where no segment was reducing the stream or the error is no shape error (the model's own
+        error stands: running out of memory says so, and a caller that catches it still can)."""
         reduction = self.reducing()
-        if reduction is None:
+        if reduction is None or isinstance(err, torch.OutOfMemoryError):
             return None
         i = self.open
         segment = self.plan.segments[i]
