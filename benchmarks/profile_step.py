@@ -7,7 +7,10 @@ unwrapped and the routed variant, and sums the device time of every kernel into 
   matmul     GEMMs (the FLOPs that routing removes)
   attention  fused attention kernels (their FLOPs shrink quadratically with the tokens kept)
   optimizer  the AdamW update (a fixed cost: it touches every parameter whatever the token count)
-  other      everything else: norms, activations, modulation, embeddings, gathers and scatters
+  gather_scatter  gathers, scatters and indexing (a route's token selection)
+  copy       copies and dtype casts (autocast's weight casts, contiguous copies): a per-parameter share does not
+             shrink with the tokens
+  other      everything else: norms, activations, modulation, embeddings
 
 The speed-up of each category, and the achieved / ideal ratio with the optimizer's fixed cost taken out,
 show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch.
@@ -34,6 +37,8 @@ CATEGORIES = {  # first match wins; names cover CUDA kernels and, for the CPU sm
     "optimizer": ("multi_tensor_apply", "adam", "_foreach"),
     "attention": ("flash", "fmha", "sdpa", "attention", "scaled_dot_product"),
     "matmul": ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
+    "gather_scatter": ("gather", "scatter", "index"),
+    "copy": ("copy",),
 }
 VARIANTS = ("unwrapped", "routed")
 
@@ -63,12 +68,14 @@ def kernel_ms(step, steps: int, device: torch.device) -> dict[str, float]:
     return totals
 
 
-def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool) -> dict[str, Any]:
+def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool,
+                  fused: bool = False, batch: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = config.build().to(device).train()
     tokenroute.wrap(model, config.routes, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    inputs = random_inputs(model, config.batch, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    batch = batch or config.batch
+    inputs = random_inputs(model, batch, device)
     eager = forwards(model, config.routes, False)
     flops = variant_flops({k: eager[k] for k in VARIANTS}, inputs)
     fns = forwards(model, config.routes, compile_)
@@ -84,8 +91,8 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     ideal = flops["unwrapped"] / flops["routed"]
     without_optimizer = {k: total[k] - ms[k]["optimizer"] for k in VARIANTS}
     result = {
-        "model": config.name, "batch": config.batch, "routes": config.routes, "compile": compile_,
-        "step_ms": step_ms,
+        "model": config.name, "batch": batch, "routes": config.routes, "compile": compile_,
+        "optimizer": "AdamW, fused" if fused else "AdamW", "step_ms": step_ms,
         "kernel_ms_per_step": ms,
         "kernel_ms_total": total,
         "share_of_unwrapped": {c: ms["unwrapped"][c] / total["unwrapped"] for c in ms["unwrapped"]},
@@ -107,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     parser.add_argument("--models", default="DiT-XL/2", help="comma-separated names from throughput.py")
     parser.add_argument("--compile", action="store_true", help="also profile under torch.compile")
+    parser.add_argument("--optimizer", choices=("unfused", "fused"), default="unfused",
+                        help="AdamW's foreach (PyTorch's default) or fused implementation")
+    parser.add_argument("--batch", type=int, default=None, help="default: each model's batch in throughput.py")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per variant")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
@@ -119,12 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     steps, warmup = args.steps or (1 if args.smoke else 5), args.warmup or (1 if args.smoke else 5)
     out = args.output or RESULTS / ("profile_step_smoke.json" if args.smoke else "profile_step.json")
     payload = {"benchmark": "profile_step", "environment": environment(),
-               "config": {"profiled_steps": steps, "warmup_steps": warmup, "optimizer": "AdamW lr 1e-4",
+               "config": {"profiled_steps": steps, "warmup_steps": warmup, "optimizer": f"AdamW lr 1e-4 ({args.optimizer})",
                           "autocast": "bf16" if device.type == "cuda" else None, "categories": CATEGORIES},
                "results": []}
     for compile_ in [False, True] if args.compile else [False]:
         for config in configs:
-            r = profile_model(config, device, steps, warmup, compile_)
+            r = profile_model(config, device, steps, warmup, compile_, args.optimizer == "fused", args.batch)
             payload["results"].append(r)
             write_json(out, payload)
             print(f"{r['model']} {'compiled' if compile_ else 'eager'}: "

@@ -45,14 +45,16 @@ def throughput(path: Path = RESULTS / "throughput.json") -> str:
 def profile(path: Path = RESULTS / "profile_step.json") -> str:
     data = json.loads(path.read_text())
     env = data["environment"]
+    present = data["results"][0]["kernel_ms_per_step"]["unwrapped"]
+    categories = [c for c in ("matmul", "attention", "gather_scatter", "copy", "optimizer", "other") if c in present]
     rows = [caption(f"Kernel time per training step by category, {env['device']}, torch {env['torch']}", path), "",
-            *header(["model", "matmul ms", "attention ms", "optimizer ms", "other ms", "kernel speed-up", "FLOP-ideal",
+            *header(["model", *(f"{c.replace('_', '/')} ms" for c in categories), "kernel speed-up", "FLOP-ideal",
                      "kernel speed-up / ideal", "same without the optimizer"])]
     for r in data["results"]:
         ms = r["kernel_ms_per_step"]
-        cells = " | ".join(f"{ms['unwrapped'][c]:.1f} -> {ms['routed'][c]:.1f}"
-                           for c in ("matmul", "attention", "optimizer", "other"))
-        name = r["model"] + (" (compiled)" if r["compile"] else " (eager)")
+        cells = " | ".join(f"{ms['unwrapped'][c]:.1f} -> {ms['routed'][c]:.1f}" for c in categories)
+        name = (f"{r['model']}, batch {r['batch']}" + (" (compiled)" if r["compile"] else " (eager)")
+                + (", fused AdamW" if "fused" in r.get("optimizer", "") else ""))
         rows.append(f"| {name} | {cells} | {r['kernel_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                     f"{r['kernel_achieved_over_ideal']:.2f} | {r['achieved_over_ideal_without_optimizer']:.2f} |")
     return "\n".join(rows)

@@ -254,6 +254,7 @@ def test_profile_step_smoke(tmp_path):
         assert set(ms) == {*profile_step.CATEGORIES, "other"}
         assert ms["matmul"] > 0 and ms["optimizer"] > 0  # the categories catch the step's real kernels
         assert result["kernel_ms_total"][variant] == pytest.approx(sum(ms.values()))
+    assert result["kernel_ms_per_step"]["routed"]["gather_scatter"] > 0  # the route's token selection is caught
     assert math.isclose(sum(result["share_of_unwrapped"].values()), 1.0)
     assert result["ideal_speedup"] > 1
 
@@ -274,6 +275,10 @@ def test_profile_categories():
     assert profile_step.category("flash_fwd_kernel") == "attention"
     assert profile_step.category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
     assert profile_step.category("triton_poi_fused_add_mul_0") == "other"
+    assert profile_step.category("void at::native::_scatter_gather_elementwise_kernel<128, 8>") == "gather_scatter"
+    assert profile_step.category("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>"
+                                 ) == "copy"
+    assert profile_step.category("void at::native::FusedAdamMathFunctor<float, 4>") == "optimizer"
 
 
 @pytest.mark.parametrize("model,achieved,routed,off,expected", [
