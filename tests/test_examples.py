@@ -109,6 +109,16 @@ def test_step_batches_are_a_function_of_the_step():
     assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
 
 
+def test_mask_checksum_tells_apart_masks_of_equal_size_and_position_sum():
+    """The fingerprint that resume tests compare: masks that keep as many tokens at the same sum of positions
+    (which linear weights could not tell apart) get different checksums."""
+    a = torch.tensor([[True, False, False, True]])
+    b = torch.tensor([[False, True, True, False]])
+    assert int(training.mask_checksum([a])) != int(training.mask_checksum([b]))
+    assert int(training.mask_checksum([a, b])) != int(training.mask_checksum([b, a]))  # the route's order counts
+    assert int(training.mask_checksum([])) == 0
+
+
 def test_parse_routes():
     assert training.parse_routes("2:8:0.5") == [(2, 8, 0.5)]
     assert training.parse_routes("1:2:0.5, -3:-2:0.25") == [(1, 2, 0.5), (-3, -2, 0.25)]

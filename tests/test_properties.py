@@ -430,3 +430,19 @@ def test_an_optional_segment_takes_exactly_the_free_blocks(depth, data):
     assert set(covered) == {b for b in range(span.start, span.end + 1) if b not in busy}
     assert not any(p.route.start <= s.after < p.route.end for p in pieces for s in stages)
     assert all(p.optional and p.operation is optional.operation and p.route.ratio == 0.0 for p in pieces)
+
+
+@given(seed=st.integers(0, 2**40), stream=st.sampled_from(["", "tread", "masking"]), tokens=st.sampled_from([64, 256]))
+def test_the_routing_draw_is_uniform_and_independent(seed, stream, tokens):
+    """The counter-hash draw, over 2,000 rows in four calls: every token is kept at the expected rate, and two
+    rows share as many kept tokens as independent uniform draws would (a hypergeometric mean)."""
+    from tokenroute.core.selection import RoutingGenerator, draw_keep
+
+    generator, keep_count, rows = RoutingGenerator(seed, stream), tokens // 4, 500
+    keeps = torch.cat([draw_keep(torch.zeros(rows, tokens, 1), keep_count, generator) for _ in range(4)])
+    kept = torch.zeros(len(keeps), tokens).scatter_(1, keeps, 1.0)
+    expected = len(keeps) * keep_count / tokens  # 500 per token
+    deviation = (kept.sum(0) - expected).abs().max().item()
+    assert deviation < 6 * (expected * (1 - keep_count / tokens)) ** 0.5  # binomial, far out in the tail
+    overlap = (kept[0::2] * kept[1::2]).sum(1).mean().item()  # pairs of rows, from within and across calls
+    assert abs(overlap - keep_count**2 / tokens) < 0.15 * keep_count**2 / tokens

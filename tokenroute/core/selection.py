@@ -18,20 +18,31 @@ def distributed_rank() -> int:
 
 
 class RoutingGenerator:
-    """One torch.Generator per device, seeded from ``seed`` (or torch's initial seed), the rank and the
-    method's ``stream`` name, so every distributed rank draws different masks, two methods given one seed
-    draw independent ones, and a fixed seed repeats them."""
+    """A method's random draws, seeded from ``seed`` (or torch's initial seed), the rank and the method's
+    ``stream`` name, so every distributed rank draws different masks, two methods given one seed draw
+    independent ones, and a fixed seed repeats them.
+
+    The default draw (``scores``) hashes a per-device counter: plain tensor arithmetic that torch.compile
+    traces into the model's graph, the same numbers eager or compiled, on any device. Custom selectors get a
+    ``torch.Generator`` per device (``get``), seeded alike."""
 
     RANK_STRIDE = 1_000_003
+    COUNTER_KEY = "counter:"  # state_dict keys of the counters, beside the generators' device keys
+    SEED_KEY = "seed"
 
     def __init__(self, seed: int | None = None, stream: str = ""):
         self.seed = seed
         self.salt = zlib.crc32(stream.encode()) if stream else 0
+        self._base: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._counters: dict[torch.device, torch.Tensor] = {}
 
     def base_seed(self) -> int:
-        seed = torch.initial_seed() if self.seed is None else self.seed
-        return (seed + self.RANK_STRIDE * distributed_rank() + self.salt) % (2**63)
+        """The seed every draw derives from, fixed at the first draw (the rank is known by then)."""
+        if self._base is None:
+            seed = torch.initial_seed() if self.seed is None else self.seed
+            self._base = (seed + self.RANK_STRIDE * distributed_rank() + self.salt) % (2**63)
+        return self._base
 
     def get(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -41,13 +52,60 @@ class RoutingGenerator:
             self._generators[device] = generator
         return generator
 
+    def scores(self, rows: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(rows, num_tokens) independent random int64 scores in [0, 2**32), the next ones of this device's
+        stream: hashes of (seed, position in the stream)."""
+        counter = self._counters.get(device)
+        if counter is None:
+            counter = self._new_counter(device)
+        position = counter + torch.arange(rows * num_tokens, device=device)
+        counter.add_(rows * num_tokens)
+        seed = self.base_seed()
+        low, high = position & _MASK32, position >> 32
+        hashed = hash32(hash32(low ^ (seed & _MASK32)) ^ high ^ ((seed >> 32) & _MASK32))
+        return hashed.view(rows, num_tokens)
+
+    @torch.compiler.disable
+    def _new_counter(self, device: torch.device) -> torch.Tensor:
+        """A device's counter, made once, eagerly (with the seed: torch.compile then reads both as they are)."""
+        self.base_seed()
+        counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The generators' states, keyed by device, for checkpoints that resume routing exactly."""
-        return {str(device): gen.get_state() for device, gen in self._generators.items()}
+        """The draws' states (the seed, each device's counter and generator), for checkpoints that resume
+        routing exactly."""
+        state = {str(device): gen.get_state() for device, gen in self._generators.items()}
+        state.update({self.COUNTER_KEY + str(device): c.detach().cpu().clone() for device, c in self._counters.items()})
+        if self._base is not None:
+            state[self.SEED_KEY] = torch.tensor(self._base, dtype=torch.int64)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for device, gen_state in state.items():
-            self.get(torch.device(device)).set_state(gen_state)
+        if self.SEED_KEY in state:
+            self._base = int(state[self.SEED_KEY])
+        for key, value in state.items():
+            if key == self.SEED_KEY:
+                continue
+            if key.startswith(self.COUNTER_KEY):
+                device = torch.device(key[len(self.COUNTER_KEY):])
+                counter = self._counters.get(device)
+                if counter is None:
+                    counter = self._new_counter(device)
+                counter.copy_(value)
+            else:
+                self.get(torch.device(key)).set_state(value)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 values in [0, 2**32), kept there: the products stay
+    below 2**63. Any device; torch.compile traces it."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
 
 
 def draw_keep(
@@ -62,9 +120,10 @@ def draw_keep(
     """Indices (B, K) of the tokens to keep, ascending so kept tokens stay in their original order.
 
     ``tokens``: the routable tokens (B, N, ...). ``generator``: the method's, drawn from on the tokens'
-    device. ``shared``: one draw for the whole batch (needed when a batch-free table such as a rotary
-    embedding must be gathered with the tokens). ``protect``: bool (N,) or (B, N), True for tokens that
-    must never be routed. Runs on the tokens' device, no sync; a custom ``selector``'s result is checked
+    device (its counter-hash scores; a custom selector gets its ``torch.Generator``). ``shared``: one draw for
+    the whole batch (needed when a batch-free table such as a rotary embedding must be gathered with the
+    tokens). ``protect``: bool (N,) or (B, N), True for tokens that must never be routed. Runs on the tokens'
+    device, no sync; a custom ``selector``'s result is checked
     against ``shared`` and ``protect`` (one sync) and refused where it breaks them.
     """
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
@@ -73,20 +132,13 @@ def draw_keep(
         _check_selection(keep, selector, shared=shared, protect=protect)
     else:
         rows = 1 if shared else batch
-        scores = _uniform(rows, num_tokens, tokens.device, generator)
+        scores = generator.scores(rows, num_tokens, tokens.device)
         if protect is not None:
-            scores = scores.masked_fill(protect.to(tokens.device), -1.0)
+            scores = scores.masked_fill(protect.to(tokens.device), -1)
         keep = scores.topk(num_keep, dim=1, largest=False, sorted=False).indices
         if shared:
             keep = keep.expand(batch, -1)
     return keep.sort(dim=1).values
-
-
-@torch.compiler.disable
-def _uniform(rows: int, num_tokens: int, device: torch.device, generator: RoutingGenerator) -> torch.Tensor:
-    """Random scores from the routing generator. torch.compile cannot trace a Generator (nor make one): this
-    one call runs eagerly (a single deliberate graph break) and the rest of the route compiles."""
-    return torch.rand(rows, num_tokens, device=device, generator=generator.get(device))
 
 
 def _check_selection(keep: torch.Tensor, selector: Selector, *, shared: bool, protect: torch.Tensor | None) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from ..core.selection import hash32
 from .data import PAD
 
 if TYPE_CHECKING:
@@ -81,9 +82,9 @@ def read_loss_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 def mask_checksum(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """An int64 fingerprint of one forward's routing masks (0 when nothing routed), computed on the device."""
     total = torch.zeros((), dtype=torch.int64, device=masks[0].device if masks else "cpu")
-    for r, mask in enumerate(masks):
+    for r, mask in enumerate(masks):  # hashed weights: masks of equal size and position sum still differ
         pos = torch.arange(mask.numel(), device=mask.device, dtype=torch.int64)
-        weights = (pos * 2_654_435_761 + (r + 1) * 40_503) % 2_147_483_647
+        weights = hash32(hash32(pos) ^ (r + 1)) % 2_147_483_647
         total = (total + (mask.reshape(-1).long() * weights).sum()) % 2_147_483_647
     return total
 

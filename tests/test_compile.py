@@ -1,0 +1,60 @@
+"""torch.compile on routed models: routing adds no graph break (the draw is tensor arithmetic on a counter, the
+graph lookup is traceable), and the compiled model routes and computes as the eager one does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import tokenroute
+
+from helpers import backbone_inputs, make_backbone
+
+APPLY = {
+    "tread": lambda model: tokenroute.wrap(model, [(1, 3, 0.5)], seed=0),
+    "maskdit": lambda model: tokenroute.mask(model, 0.5, decoder=2, seed=0),
+}
+
+
+def graphs(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
+    dynamo.reset()
+    explained = dynamo.explain(model)(*inputs)
+    dynamo.reset()
+    return explained.graph_count, explained.graph_break_count
+
+
+@pytest.mark.parametrize("method", APPLY)
+@pytest.mark.parametrize("backbone", ["dit", "uvit"])
+def test_routing_adds_no_graph_break(backbone, method):
+    inputs = backbone_inputs(2)
+    plain = make_backbone(backbone).train()
+    routed = APPLY[method](copy.deepcopy(plain)).train()
+    routed(*inputs)  # the first routed forward traces its graph (eagerly, outside torch.compile)
+    assert graphs(routed, inputs) == graphs(plain, inputs)
+    assert tokenroute.routing_masks(routed)  # the explained forward routed
+
+
+@pytest.mark.parametrize("method", APPLY)
+def test_the_compiled_model_routes_and_trains_as_the_eager_one(method):
+    """Step by step, from the first call on: the same masks (the draw's counter advances inside the compiled
+    graph), outputs and gradients."""
+    applied = APPLY[method](make_backbone("dit"))  # once: MaskDiT's mask token is drawn when it is applied
+    eager, compiled_model = copy.deepcopy(applied).train(), copy.deepcopy(applied).train()
+    dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    for step in range(3):
+        inputs = backbone_inputs(2, seed=step)
+        out_eager, out_compiled = eager(*inputs), compiled(*inputs)
+        masks = tokenroute.routing_masks(eager)
+        assert masks and all(m.any() for m in masks)
+        assert all(torch.equal(a, b) for a, b in zip(masks, tokenroute.routing_masks(compiled_model), strict=True))
+        torch.testing.assert_close(out_compiled, out_eager)
+        out_eager.square().mean().backward()
+        out_compiled.square().mean().backward()
+        for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad)
+            a.grad = b.grad = None
+    dynamo.reset()
