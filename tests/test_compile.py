@@ -40,13 +40,13 @@ def test_routing_adds_no_graph_break(backbone, method):
 @pytest.mark.parametrize("method", APPLY)
 def test_the_compiled_model_routes_and_trains_as_the_eager_one(method):
     """Step by step, from the first call on: the same masks (the draw's counter advances inside the compiled
-    graph), outputs and gradients."""
+    graph), outputs and gradients, also when the input's signature changes."""
     applied = APPLY[method](make_backbone("dit"))  # once: MaskDiT's mask token is drawn when it is applied
     eager, compiled_model = copy.deepcopy(applied).train(), copy.deepcopy(applied).train()
     dynamo.reset()
     compiled = torch.compile(compiled_model, backend="aot_eager")
-    for step in range(3):
-        inputs = backbone_inputs(2, seed=step)
+    for step, batch in enumerate((2, 2, 3)):  # a new batch size: a new signature, traced and compiled anew
+        inputs = backbone_inputs(batch, seed=step)
         out_eager, out_compiled = eager(*inputs), compiled(*inputs)
         masks = tokenroute.routing_masks(eager)
         assert masks and all(m.any() for m in masks)
@@ -57,4 +57,19 @@ def test_the_compiled_model_routes_and_trains_as_the_eager_one(method):
         for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
             torch.testing.assert_close(b.grad, a.grad)
             a.grad = b.grad = None
+    dynamo.reset()
+
+
+def test_fullgraph_compiles_after_one_eager_forward():
+    """The first routed forward traces its graph eagerly (outside torch.compile); after it, fullgraph=True
+    compiles the routed model whole."""
+    model = APPLY["tread"](make_backbone("dit")).train()
+    model(*backbone_inputs(2, seed=9))
+    eager = copy.deepcopy(model)
+    dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for step in range(2):
+        inputs = backbone_inputs(2, seed=step)
+        torch.testing.assert_close(compiled(*inputs), eager(*inputs))
+        assert torch.equal(tokenroute.routing_masks(model)[0], tokenroute.routing_masks(eager)[0])
     dynamo.reset()

@@ -76,12 +76,23 @@ class _ByValue:
             return False
 
 
+def _structure(value: Any) -> Any:
+    """The nesting of a call's arguments as plain tuples (the part of its pytree spec the key needs), so the
+    key hashes under torch.compile as in eager: containers by type and keys, anything else by its type (the
+    leaves' values and tensor metadata follow in the key)."""
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_structure(v) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple(value), tuple(_structure(v) for v in value.values()))
+    return type(value)
+
+
 def signature_key(training: bool, args: tuple, kwargs: dict) -> tuple[tuple, list[Any], list[torch.Tensor], Any]:
     """A call's signature: grad/autocast modes, structure, tensor metadata and constant values (by value,
     hashable or not). Returns the key, the constant leaves (``graph.TENSOR`` where tensors go),
     the tensor leaves and the structure."""
     leaves, spec = tree_flatten((args, kwargs))
-    key: list[Any] = [training, torch.is_grad_enabled(), torch.is_autocast_enabled(), spec]
+    key: list[Any] = [training, torch.is_grad_enabled(), torch.is_autocast_enabled(), _structure((args, kwargs))]
     constants, tensors = [], []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
