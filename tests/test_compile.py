@@ -19,21 +19,22 @@ APPLY = {
 }
 
 
-def graphs(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
+def graphs(model: torch.nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[int, int]:
+    """The graphs and graph breaks torch.compile makes of one forward."""
     dynamo.reset()
-    explained = dynamo.explain(model)(*inputs)
+    explained = dynamo.explain(model)(*args, **kwargs)
     dynamo.reset()
     return explained.graph_count, explained.graph_break_count
 
 
 @pytest.mark.parametrize("method", APPLY)
-@pytest.mark.parametrize("backbone", ["dit", "uvit"])
+@pytest.mark.parametrize("backbone", ["dit", "uvit", "mamba"])
 def test_routing_adds_no_graph_break(backbone, method):
     inputs = backbone_inputs(2)
     plain = make_backbone(backbone).train()
     routed = APPLY[method](copy.deepcopy(plain)).train()
     routed(*inputs)  # the first routed forward traces its graph (eagerly, outside torch.compile)
-    assert graphs(routed, inputs) == graphs(plain, inputs)
+    assert graphs(routed, *inputs) == graphs(plain, *inputs)
     assert tokenroute.routing_masks(routed)  # the explained forward routed
 
 
@@ -73,3 +74,16 @@ def test_fullgraph_compiles_after_one_eager_forward():
         torch.testing.assert_close(compiled(*inputs), eager(*inputs))
         assert torch.equal(tokenroute.routing_masks(model)[0], tokenroute.routing_masks(eager)[0])
     dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3", "flux"])
+def test_routed_diffusers_transformers_compile_into_the_graphs_of_the_unwrapped(name):
+    pytest.importorskip("diffusers")
+    import test_diffusers
+
+    model, inputs = test_diffusers.build(name)
+    model.train()
+    routed = tokenroute.wrap(copy.deepcopy(model), [(1, 2, 0.5)], seed=0).train()
+    routed(**inputs)
+    assert graphs(routed, **inputs) == graphs(model, **inputs)
+    assert tokenroute.routing_masks(routed)
