@@ -87,3 +87,21 @@ def test_routed_diffusers_transformers_compile_into_the_graphs_of_the_unwrapped(
     routed(**inputs)
     assert graphs(routed, **inputs) == graphs(model, **inputs)
     assert tokenroute.routing_masks(routed)
+
+
+def test_signature_keys_tell_apart_what_the_pytree_spec_tells_apart():
+    """The graph cache's key (hashable under torch.compile) separates calls whose arguments nest differently,
+    whose dict keys differ, or whose registered pytree nodes differ in context, and matches equal calls."""
+    from collections import OrderedDict, deque
+
+    from tokenroute.core.splice import signature_key
+
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+
+    def key(*args, **kwargs):
+        return signature_key(True, args, kwargs)[0]
+
+    assert key(a, (b,)) == key(b, (a,))  # values do not count, metadata and nesting do
+    distinct = [key(a, (b,)), key(a, [b]), key(a, b), key(a, {"x": b}), key(a, {"y": b}), key(a, OrderedDict(x=b)),
+                key(a, y=b), key(a, deque([b], maxlen=2)), key(a, deque([b], maxlen=3))]
+    assert len(set(distinct)) == len(distinct)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import SUPPORTED_NODES, keystr, tree_flatten, tree_flatten_with_path, tree_structure
 
 from ..plan import Plan
 from ..route import RouteError
@@ -78,12 +78,15 @@ class _ByValue:
 
 def _structure(value: Any) -> Any:
     """The nesting of a call's arguments as plain tuples (the part of its pytree spec the key needs), so the
-    key hashes under torch.compile as in eager: containers by type and keys, anything else by its type (the
-    leaves' values and tensor metadata follow in the key)."""
+    key hashes under torch.compile as in eager: tuples, lists and dicts by type and keys, another registered
+    pytree node by its exact spec, anything else by its type (the leaves' values and tensor metadata follow in
+    the key)."""
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(_structure(v) for v in value))
     if isinstance(value, dict):
         return (type(value), tuple(value), tuple(_structure(v) for v in value.values()))
+    if type(value) in SUPPORTED_NODES:
+        return tree_structure(value)
     return type(value)
 
 
