@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
                    help="auto: what accelerate launch was configured with, else bf16 on a GPU that has it, "
                         "else no. Default: auto")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training forward (routing compiles with it into the model's graph; "
+                        "sampling stays eager); BACKEND defaults to inductor")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between loss.csv writes; default: 10")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     return p
@@ -266,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     configure_sharding(accelerator, net, args.batch_size, args.grad_clip, "train.py")  # FSDP2 units, DeepSpeed's batch
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per step, by hand
+    forward = torch.compile(model, backend=args.compile) if args.compile else model  # masks are read from `net`
     ema.module.to(device)
 
     # --- resume ---------------------------------------------------------------------------------------
@@ -427,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             unmasked = True
         batch = objective.prepare(x0, generator=g)
         with deepspeed_autocast(accelerator):
-            prediction = objective.predict(task.backbone_fn(model), batch, y)
+            prediction = objective.predict(task.backbone_fn(forward), batch, y)
         per_token = objective.per_token_loss(prediction.float(), batch, patch_size)
         masks = tokenroute.routing_masks(net) if routed else []  # (B, N) bool per route, True = skipped
         extra = {}

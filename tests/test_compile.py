@@ -105,3 +105,22 @@ def test_signature_keys_tell_apart_what_the_pytree_spec_tells_apart():
     distinct = [key(a, (b,)), key(a, [b]), key(a, b), key(a, {"x": b}), key(a, {"y": b}), key(a, OrderedDict(x=b)),
                 key(a, y=b), key(a, deque([b], maxlen=2)), key(a, deque([b], maxlen=3))]
     assert len(set(distinct)) == len(distinct)
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_after_the_first_call_each_step_reuses_one_graph(seed):
+    """Compiled from the first call: that call traces the routed graph and makes the draw's state outside
+    torch.compile, the second compiles the routed forward whole; every later step of the same signature runs
+    that graph, with no new graph, break or recompile."""
+    from torch._dynamo.utils import counters
+
+    model = tokenroute.wrap(make_backbone("dit"), [(1, 3, 0.5)], seed=seed).train()
+    dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        compiled(*backbone_inputs(2)).square().mean().backward()
+    counters.clear()
+    for step in range(3):
+        compiled(*backbone_inputs(2, seed=step)).square().mean().backward()
+    assert not counters["stats"]["unique_graphs"] and not counters["graph_break"] and not counters["recompiles"]
+    dynamo.reset()

@@ -203,6 +203,25 @@ def test_resume_continues_exactly(train, data_dir, tmp_path):
         assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa), name
 
 
+def test_compiled_training_routes_and_learns_as_eager_training(train, data_dir, tmp_path):
+    """--compile: routing compiles into the model's graph and draws the eager run's masks; the losses follow."""
+    args = ["--backbone", "dit", "--routes", "1:4:0.5", "--max-steps", "3", "--sample-every", "0"]
+    from torch._dynamo.utils import counters
+
+    run_train(train, data_dir, tmp_path / "eager", *args)
+    torch._dynamo.reset()
+    counters.clear()
+    run_train(train, data_dir, tmp_path / "compiled", *args, "--compile", "aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled (tests/test_compile.py: in one piece after step 1)
+    torch._dynamo.reset()
+    a = training.read_loss_csv(tmp_path / "eager" / "loss.csv")
+    b = training.read_loss_csv(tmp_path / "compiled" / "loss.csv")
+    assert len(a) == len(b) == 3
+    assert [r["mask_checksum"] for r in a] == [r["mask_checksum"] for r in b] and a[0]["mask_checksum"] != "0"
+    for ra, rb in zip(a, b):
+        assert math.isclose(float(ra["loss"]), float(rb["loss"]), rel_tol=1e-4, abs_tol=1e-6)
+
+
 def test_time_budget_stops_early(train, data_dir, tmp_path):
     summary = run_train(train, data_dir, tmp_path, "--backbone", "dit", "--max-steps", "1000", "--time-budget", "0")
     assert summary["stopped_by"] == "time_budget" and summary["steps"] == 1

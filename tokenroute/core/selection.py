@@ -65,9 +65,8 @@ class RoutingGenerator:
         hashed = hash32(hash32(low ^ (seed & _MASK32)) ^ high ^ ((seed >> 32) & _MASK32))
         return hashed.view(rows, num_tokens)
 
-    @torch.compiler.disable
     def _new_counter(self, device: torch.device) -> torch.Tensor:
-        """A device's counter, made once, eagerly (with the seed: torch.compile then reads both as they are)."""
+        """A device's counter, made at its first draw, with the seed fixed then too."""
         self.base_seed()
         counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
         return counter
