@@ -55,9 +55,7 @@ class RoutingGenerator:
     def scores(self, rows: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(rows, num_tokens) independent random int64 scores in [0, 2**32), the next ones of this device's
         stream: hashes of (seed, position in the stream)."""
-        counter = self._counters.get(device)
-        if counter is None:
-            counter = self._new_counter(device)
+        counter = self._counter(device)
         position = counter + torch.arange(rows * num_tokens, device=device)
         counter.add_(rows * num_tokens)
         seed = self.base_seed()
@@ -65,10 +63,12 @@ class RoutingGenerator:
         hashed = hash32(hash32(low ^ (seed & _MASK32)) ^ high ^ ((seed >> 32) & _MASK32))
         return hashed.view(rows, num_tokens)
 
-    def _new_counter(self, device: torch.device) -> torch.Tensor:
-        """A device's counter, made at its first draw, with the seed fixed then too."""
-        self.base_seed()
-        counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        """A device's counter, made at its first use, with the seed fixed then too."""
+        counter = self._counters.get(device)
+        if counter is None:
+            self.base_seed()
+            counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
         return counter
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -87,11 +87,7 @@ class RoutingGenerator:
             if key == self.SEED_KEY:
                 continue
             if key.startswith(self.COUNTER_KEY):
-                device = torch.device(key[len(self.COUNTER_KEY):])
-                counter = self._counters.get(device)
-                if counter is None:
-                    counter = self._new_counter(device)
-                counter.copy_(value)
+                self._counter(torch.device(key[len(self.COUNTER_KEY):])).copy_(value)
             else:
                 self.get(torch.device(key)).set_state(value)
 
@@ -122,8 +118,8 @@ def draw_keep(
     device (its counter-hash scores; a custom selector gets its ``torch.Generator``). ``shared``: one draw for
     the whole batch (needed when a batch-free table such as a rotary embedding must be gathered with the
     tokens). ``protect``: bool (N,) or (B, N), True for tokens that must never be routed. Runs on the tokens'
-    device, no sync; a custom ``selector``'s result is checked
-    against ``shared`` and ``protect`` (one sync) and refused where it breaks them.
+    device, no sync; a custom ``selector``'s result is checked against ``shared`` and ``protect`` (one sync)
+    and refused where it breaks them.
     """
     batch, num_tokens = tokens.shape[0], tokens.shape[1]
     if selector is not None:
