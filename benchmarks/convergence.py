@@ -258,6 +258,11 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------------
 
 
+def adamw_kind(args: argparse.Namespace, device: torch.device) -> str:
+    """The AdamW implementation a run uses: --optimizer on a GPU, foreach on the CPU."""
+    return args.optimizer if device.type == "cuda" else "foreach"
+
+
 @dataclass
 class Trainee:
     """One variant ready to train: the model (wrapped or masked as the recipe says), its EMA copy and a
@@ -290,7 +295,7 @@ def prepare_variant(variant: Variant, args: argparse.Namespace, data: dict[str, 
     mae_weight = float(combine_kwargs.get("mae_weight", 0.0))
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999),
-                                  fused=args.optimizer == "fused" and cuda)
+                                  fused=adamw_kind(args, device) == "fused")
     images, labels = data["images"], data["labels"]
     batches = StepBatches(len(images), args.batch_size, seed=args.seed)
     patch_size, null_label = model.patch_size, model.num_classes
@@ -485,8 +490,7 @@ def previous_variants(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def optimizer_text(args: argparse.Namespace, device: torch.device) -> str:
-    kind = args.optimizer if device.type == "cuda" else "foreach"
-    return f"AdamW ({kind}) lr {args.lr}, betas (0.9, 0.999), no weight decay"
+    return f"AdamW ({adamw_kind(args, device)}) lr {args.lr}, betas (0.9, 0.999), no weight decay"
 
 
 def step_times(names: Sequence[str], args: argparse.Namespace, data: dict[str, torch.Tensor], device: torch.device,
@@ -504,10 +508,10 @@ def step_times(names: Sequence[str], args: argparse.Namespace, data: dict[str, t
             first = 1 + rep * n
             steps = iter(range(first, first + n))
             ms[name].append(timer(lambda: trainee.step(next(steps)), n))
-    base = statistics.median(ms[names[0]])
-    results = {name: {"ms_per_step": statistics.median(v), "ms_per_step_all": v,
-                      "images_per_s": args.batch_size * 1000 / statistics.median(v),
-                      f"speedup_over_{names[0]}": base / statistics.median(v)} for name, v in ms.items()}
+    medians = {name: statistics.median(v) for name, v in ms.items()}
+    results = {name: {"ms_per_step": medians[name], "ms_per_step_all": ms[name],
+                      "images_per_s": args.batch_size * 1000 / medians[name],
+                      f"speedup_over_{names[0]}": medians[names[0]] / medians[name]} for name in names}
     for name, r in results.items():
         log(f"{name:>14}: {r['ms_per_step']:.2f} ms/step, {r['images_per_s']:.0f} img/s, "
             f"{r[f'speedup_over_{names[0]}']:.3f}x")
