@@ -16,6 +16,7 @@ The speed-up of each category, and the achieved / ideal ratio with the optimizer
 show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch.
 
     python benchmarks/profile_step.py --models DiT-XL/2 --compile     # GPU
+    python benchmarks/profile_step.py --models DiT-XL/2 --optimizer fused --batch 160   # where the step fills an H100
     python benchmarks/profile_step.py --smoke                         # CPU, tiny model, seconds
 """
 

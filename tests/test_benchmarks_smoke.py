@@ -247,8 +247,9 @@ def test_handwritten_references_compute_what_the_splice_computes(name, routes, m
 def test_profile_step_smoke(tmp_path):
     import profile_step
     out = tmp_path / "profile_step_smoke.json"
-    profile_step.main(["--smoke", "--output", str(out)])
+    profile_step.main(["--smoke", "--optimizer", "fused", "--batch", "4", "--output", str(out)])
     (result,) = json.loads(out.read_text())["results"]
+    assert result["batch"] == 4 and result["optimizer"] == "AdamW, fused"
     for variant in profile_step.VARIANTS:
         ms = result["kernel_ms_per_step"][variant]
         assert set(ms) == {*profile_step.CATEGORIES, "other"}
