@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenroute
 
 from common import RESULTS, Timer, bench_device, environment, write_json
-from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, variant_flops
+from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, scaled_flops
 
 CATEGORIES = {  # first match wins; names cover CUDA kernels and, for the CPU smoke run, aten ops
     "optimizer": ("multi_tensor_apply", "adam", "_foreach"),
@@ -78,7 +78,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     batch = batch or config.batch
     inputs = random_inputs(model, batch, device)
     eager = forwards(model, config.routes, False)
-    flops = variant_flops({k: eager[k] for k in VARIANTS}, inputs)
+    flops = scaled_flops({k: eager[k] for k in VARIANTS}, model, config.batch, device)(batch)
     fns = forwards(model, config.routes, compile_)
     steps_fn = {k: make_step(fns[k], optimizer, inputs, device.type == "cuda") for k in VARIANTS}
     for fn in steps_fn.values():

@@ -69,11 +69,13 @@ def convergence(path: Path = RESULTS / "convergence.json") -> str:
                     "samples against the test set on the features of a classifier with "
                     f"{data['classifier']['test_accuracy']:.3f} test accuracy", path), "",
             *header(["variant", "images/s", "final FID", "GPU time to the baseline's final FID",
-                     "ratio to the baseline's time"])]
+                     "ratio to the baseline's time", "samples recognised as their class"])]
     for name, v in summary["variants"].items():
         reach = "not reached" if v["time_to_baseline_final_fid"] is None else f"{v['time_to_baseline_final_fid']:.1f} s"
         ratio = "-" if v["time_ratio_to_baseline"] is None else f"{v['time_ratio_to_baseline']:.2f}"
-        rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['final_fid']:.2f} | {reach} | {ratio} |")
+        accuracy = data["variants"][name].get("final_sample_accuracy")
+        rows.append(f"| {name} | {v['images_per_s']:.0f} | {v['final_fid']:.2f} | {reach} | {ratio} | "
+                    + ("-" if accuracy is None else f"{accuracy:.1%}") + " |")
     return "\n".join(rows)
 
 
@@ -199,6 +201,8 @@ if __name__ == "__main__":
     print(step_times())
     print()
     print(convergence(RESULTS / "convergence_long.json"))
+    print()
+    print(convergence(RESULTS / "convergence_long_lr1e-4.json"))
     print()
     print(caching())
     print()

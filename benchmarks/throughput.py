@@ -123,6 +123,14 @@ def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[s
     return flops
 
 
+def scaled_flops(fns: dict[str, Callable[..., torch.Tensor]], model: torch.nn.Module, counted_batch: int,
+                 device: torch.device) -> Callable[[int], dict[str, int]]:
+    """``variant_flops`` counted once at ``counted_batch`` and scaled to any batch (FLOPs are linear in it): the
+    count runs in fp32 without autocast, so a batch that fills the GPU in bf16 would not fit it."""
+    counted = variant_flops(fns, random_inputs(model, counted_batch, device))
+    return lambda batch: {k: round(f * batch / counted_batch) for k, f in counted.items()}
+
+
 def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, steps: int, warmup: int,
                reps: int) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Each variant's milliseconds per step in every repetition (``steps`` steps each, variants interleaved in a
@@ -266,15 +274,12 @@ def bench(config: Config, device: torch.device, steps: int, warmup: int, reps: i
         batch = largest_batch(step_at(fns["unwrapped"], optimizer, model, device), config.batch, batch_cap, device)
     batch_fitting_alone = batch
 
-    # counted in fp32 without autocast, so at the configured batch and scaled (linear in the batch): a batch that
-    # fills the GPU in bf16 would not fit the count
-    flops_configured = variant_flops({**forwards(model, config.routes, False), "masked": masked},
-                                     random_inputs(model, config.batch, device))
+    flops_at = scaled_flops({**forwards(model, config.routes, False), "masked": masked}, model, config.batch, device)
 
     batches, times, peak = time_stepping_down(shared_batch_steps(fns, optimizers, model, device),
                                               dict.fromkeys(VARIANTS, batch), device, steps, warmup, reps)
     batch = batches[VARIANTS[0]]
-    flops = {k: round(f * batch / config.batch) for k, f in flops_configured.items()}
+    flops = flops_at(batch)
     ms = {k: median(v) for k, v in times.items()}
     ideal = flops["unwrapped"] / flops["routed"]
     achieved = ms["unwrapped"] / ms["routed"]

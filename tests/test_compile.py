@@ -124,3 +124,28 @@ def test_after_the_first_call_each_step_reuses_one_graph(seed):
         compiled(*backbone_inputs(2, seed=step)).square().mean().backward()
     assert not counters["stats"]["unique_graphs"] and not counters["graph_break"] and not counters["recompiles"]
     dynamo.reset()
+
+
+def test_the_seed_enters_compiled_graphs_as_data():
+    """Models routed with other seeds or by other methods, compiled in one process (as a benchmark comparing
+    them does), share the code torch.compile recompiles; the seed must reach their graphs as a tensor, never as
+    an integer symbol (whose arithmetic overflows int64 in generated kernels) or a burnt-in constant."""
+    symbols: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        symbols.extend(n.name for n, x in zip(placeholders, example_inputs, strict=True) if isinstance(x, torch.SymInt))
+        return gm.forward
+
+    plain = make_backbone("dit")
+    dynamo.reset()
+    masks = []
+    for apply in (APPLY["tread"], APPLY["maskdit"], lambda m: tokenroute.wrap(m, [(1, 3, 0.5)], seed=1)):
+        model = apply(copy.deepcopy(plain)).train()
+        compiled = torch.compile(model, backend=backend)
+        for step in range(2):
+            compiled(*backbone_inputs(2, seed=step)).square().mean().backward()
+        masks.append(tokenroute.routing_masks(model)[0])
+    dynamo.reset()
+    assert not symbols
+    assert not torch.equal(masks[0], masks[2])  # the seed still counts

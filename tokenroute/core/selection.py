@@ -36,6 +36,7 @@ class RoutingGenerator:
         self._base: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._counters: dict[torch.device, torch.Tensor] = {}
+        self._seed_words: dict[torch.device, torch.Tensor] = {}
 
     def base_seed(self) -> int:
         """The seed every draw derives from, fixed at the first draw (the rank is known by then)."""
@@ -55,21 +56,27 @@ class RoutingGenerator:
     def scores(self, rows: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(rows, num_tokens) independent random int64 scores in [0, 2**32), the next ones of this device's
         stream: hashes of (seed, position in the stream)."""
-        counter = self._counter(device)
+        counter, (seed_low, seed_high) = self._device_state(device)
         position = counter + torch.arange(rows * num_tokens, device=device)
         counter.add_(rows * num_tokens)
-        seed = self.base_seed()
         low, high = position & _MASK32, position >> 32
-        hashed = hash32(hash32(low ^ (seed & _MASK32)) ^ high ^ ((seed >> 32) & _MASK32))
+        hashed = hash32(hash32(low ^ seed_low) ^ high ^ seed_high)
         return hashed.view(rows, num_tokens)
 
-    def _counter(self, device: torch.device) -> torch.Tensor:
-        """A device's counter, made at its first use, with the seed fixed then too."""
-        counter = self._counters.get(device)
-        if counter is None:
-            self.base_seed()
-            counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
-        return counter
+    def _device_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A device's counter and the base seed's two 32-bit words, as tensors the draw reads as data."""
+        if device not in self._counters:
+            self._make_device_state(device)
+        return self._counters[device], self._seed_words[device]
+
+    @torch.compiler.disable
+    def _make_device_state(self, device: torch.device) -> None:
+        """Made at a device's first draw, outside any torch.compile graph: the seed is fixed then (the rank is
+        known) and enters graphs as a tensor, so models of other seeds share their graphs (as a Python int it
+        would be burnt in, or made a symbol whose arithmetic overflows int64 in generated kernels)."""
+        seed = self.base_seed()
+        self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        self._seed_words[device] = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64, device=device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The draws' states (the seed, each device's counter and generator), for checkpoints that resume
@@ -83,11 +90,13 @@ class RoutingGenerator:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.SEED_KEY in state:
             self._base = int(state[self.SEED_KEY])
+            for words in self._seed_words.values():  # in place: compiled graphs hold these tensors
+                words.copy_(torch.tensor([self._base & _MASK32, self._base >> 32]))
         for key, value in state.items():
             if key == self.SEED_KEY:
                 continue
             if key.startswith(self.COUNTER_KEY):
-                self._counter(torch.device(key[len(self.COUNTER_KEY):])).copy_(value)
+                self._device_state(torch.device(key[len(self.COUNTER_KEY):]))[0].copy_(value)
             else:
                 self.get(torch.device(key)).set_state(value)
 
