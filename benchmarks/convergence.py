@@ -619,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{name:>14}: {r.get('steps')} steps, {fmt(r.get('images_per_s'), '.0f')} img/s, final FID "
               f"{fmt(r.get('final_fid'))}, sample accuracy {fmt(r.get('final_sample_accuracy'), '.3f')}; "
               + (f"reaches the baseline's final FID at {reach:.1f} s ({ratio:.2f} of the baseline's time)"
-                 if reach is not None else "never reaches the baseline's final FID"), flush=True)
+                 if reach is not None else "never reaches the baseline's final FID" if "variants" in summary
+                 else f"no {BASELINE} in the file to compare with"), flush=True)
     print(f"classifier test accuracy {info.get('test_accuracy')}; wrote {output} and {png} "
           f"({payload['wall_seconds']:.0f} s)", flush=True)
     return payload

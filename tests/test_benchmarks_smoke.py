@@ -178,7 +178,7 @@ def test_convergence_smoke(fid, data_dir, tmp_path):
                 s["time_to_baseline_final_fid"] / summary["baseline_gpu_seconds"])
 
 
-def test_convergence_append_reuses_the_earlier_step0_evaluation(fid, data_dir, tmp_path):
+def test_convergence_append_reuses_the_earlier_step0_evaluation(fid, data_dir, tmp_path, capsys):
     """Variants start from the same weights: an appended run takes the step-0 FID from the file instead of sampling
     again (what sampling gives is the same: the in-process run above shares one evaluation among its variants)."""
     import convergence
@@ -187,6 +187,10 @@ def test_convergence_append_reuses_the_earlier_step0_evaluation(fid, data_dir, t
               "--evals", "1", "--num-samples", "20", "--sample-steps", "2", "--quiet"]
     first = convergence.main([*common, "--variants", "baseline"])
     second = convergence.main([*common, "--variants", "tread_all", "--append"])
+    assert "reaches the baseline's final FID" in capsys.readouterr().out
+    alone = convergence.main([*common, "--variants", "maskdit", "--output", str(tmp_path / "alone.json")])
+    assert "no baseline in the file to compare with" in capsys.readouterr().out  # not "never reaches"
+    assert alone["summary"]["baseline_final_fid"] is None
     assert list(second["variants"]) == ["baseline", "tread_all"]
     assert second["variants"]["baseline"] == json.loads(json.dumps(first["variants"]["baseline"]))
     step0 = second["variants"]["tread_all"]["evals"][0]
