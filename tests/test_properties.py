@@ -446,3 +446,17 @@ def test_the_routing_draw_is_uniform_and_independent(seed, stream, tokens):
     assert deviation < 6 * (expected * (1 - keep_count / tokens)) ** 0.5  # binomial, far out in the tail
     overlap = (kept[0::2] * kept[1::2]).sum(1).mean().item()  # pairs of rows, from within and across calls
     assert abs(overlap - keep_count**2 / tokens) < 0.15 * keep_count**2 / tokens
+
+
+@given(seeds=st.tuples(st.integers(0, 2**62), st.integers(0, 2**62)), draws=st.integers(1, 3))
+def test_a_loaded_routing_state_draws_on_as_the_saved_one(seeds, draws):
+    """A generator that has drawn with its own seed and loads another's state (seed and counter: a resumed
+    checkpoint) draws what the other draws next, also where its state already existed on the device."""
+    from tokenroute.core.selection import RoutingGenerator
+
+    saved, loaded = RoutingGenerator(seeds[0], "tread"), RoutingGenerator(seeds[1], "tread")
+    for _ in range(draws):
+        saved.scores(2, 16, torch.device("cpu"))
+    loaded.scores(3, 16, torch.device("cpu"))
+    loaded.load_state_dict(saved.state_dict())
+    assert torch.equal(loaded.scores(4, 16, torch.device("cpu")), saved.scores(4, 16, torch.device("cpu")))
