@@ -83,11 +83,17 @@ class RoutingGenerator:
         routing exactly."""
         state = {str(device): gen.get_state() for device, gen in self._generators.items()}
         state.update({self.COUNTER_KEY + str(device): c.detach().cpu().clone() for device, c in self._counters.items()})
-        if self._base is not None:
+        if self._base is not None:  # fixed at the first draw, once the rank is known: not here
             state[self.SEED_KEY] = torch.tensor(self._base, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Draw on as the saved generator would: a device it had not drawn on starts its streams afresh here."""
+        for device, counter in self._counters.items():
+            if self.COUNTER_KEY + str(device) not in state:
+                counter.zero_()
+        for device in [d for d in self._generators if str(d) not in state]:
+            del self._generators[device]  # remade from the seed at its next use
         if self.SEED_KEY in state:
             self._base = int(state[self.SEED_KEY])
             for words in self._seed_words.values():  # in place: compiled graphs hold these tensors
