@@ -35,8 +35,7 @@ class RoutingGenerator:
         self.salt = zlib.crc32(stream.encode()) if stream else 0
         self._base: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._counters: dict[torch.device, torch.Tensor] = {}
-        self._seed_words: dict[torch.device, torch.Tensor] = {}
+        self._streams: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device: (counter, seed words)
 
     def base_seed(self) -> int:
         """The seed every draw derives from, fixed at the first draw (the rank is known by then)."""
@@ -56,58 +55,63 @@ class RoutingGenerator:
     def scores(self, rows: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(rows, num_tokens) independent random int64 scores in [0, 2**32), the next ones of this device's
         stream: hashes of (seed, position in the stream)."""
-        counter, (seed_low, seed_high) = self._device_state(device)
+        counter, (seed_low, seed_high) = self._stream(device)
         position = counter + torch.arange(rows * num_tokens, device=device)
         counter.add_(rows * num_tokens)
         low, high = position & _MASK32, position >> 32
         hashed = hash32(hash32(low ^ seed_low) ^ high ^ seed_high)
         return hashed.view(rows, num_tokens)
 
-    def _device_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A device's counter and the base seed's two 32-bit words, as tensors the draw reads as data."""
-        if device not in self._counters:
-            self._make_device_state(device)
-        return self._counters[device], self._seed_words[device]
+        if device not in self._streams:
+            self._make_stream(device)
+        return self._streams[device]
 
     @torch.compiler.disable
-    def _make_device_state(self, device: torch.device) -> None:
+    def _make_stream(self, device: torch.device) -> None:
         """Made at a device's first draw, outside any torch.compile graph: the seed is fixed then (the rank is
         known) and enters graphs as a tensor, so models of other seeds share their graphs (as a Python int it
         would be burnt in, or made a symbol whose arithmetic overflows int64 in generated kernels)."""
-        seed = self.base_seed()
-        self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
-        self._seed_words[device] = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64, device=device)
+        self._streams[device] = (torch.zeros((), dtype=torch.int64, device=device),
+                                 _seed_words(self.base_seed()).to(device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The draws' states (the seed, each device's counter and generator), for checkpoints that resume
         routing exactly."""
         state = {str(device): gen.get_state() for device, gen in self._generators.items()}
-        state.update({self.COUNTER_KEY + str(device): c.detach().cpu().clone() for device, c in self._counters.items()})
+        state.update({self.COUNTER_KEY + str(device): counter.detach().cpu().clone()
+                      for device, (counter, _) in self._streams.items()})
         if self._base is not None:  # fixed at the first draw, once the rank is known: not here
             state[self.SEED_KEY] = torch.tensor(self._base, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Draw on as the saved generator would: a device it had not drawn on starts its streams afresh here."""
-        for device, counter in self._counters.items():
+        for device, (counter, _) in self._streams.items():
             if self.COUNTER_KEY + str(device) not in state:
                 counter.zero_()
         for device in [d for d in self._generators if str(d) not in state]:
             del self._generators[device]  # remade from the seed at its next use
         if self.SEED_KEY in state:
             self._base = int(state[self.SEED_KEY])
-            for words in self._seed_words.values():  # in place: compiled graphs hold these tensors
-                words.copy_(torch.tensor([self._base & _MASK32, self._base >> 32]))
+            for _, words in self._streams.values():  # in place: compiled graphs hold these tensors
+                words.copy_(_seed_words(self._base))
         for key, value in state.items():
             if key == self.SEED_KEY:
                 continue
             if key.startswith(self.COUNTER_KEY):
-                self._device_state(torch.device(key[len(self.COUNTER_KEY):]))[0].copy_(value)
+                self._stream(torch.device(key[len(self.COUNTER_KEY):]))[0].copy_(value)
             else:
                 self.get(torch.device(key)).set_state(value)
 
 
 _MASK32 = 0xFFFFFFFF
+
+
+def _seed_words(seed: int) -> torch.Tensor:
+    """A seed in [0, 2**63) as its low and high 32-bit words (int64), the form the draw hashes."""
+    return torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64)
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
