@@ -433,10 +433,12 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         label = name
         if r.get("images_per_s"):
             label += f" ({r['images_per_s']:.0f} img/s)"
-        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=label)
         reach = r.get("time_to_baseline_final_fid")
-        if reach is not None and name != BASELINE and summary.get("baseline_final_fid") is not None:
+        marked = reach is not None and name != BASELINE and summary.get("baseline_final_fid") is not None
+        if marked:  # the dotted line: where the variant reaches the baseline's final FID
+            label += f", baseline's final FID at {reach:.0f} s (dotted)"
             ax.axvline(reach, color=f"C{i}", ls=":", lw=1)
+        ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=label)
     if summary.get("baseline_final_fid") is not None:
         ax.axhline(summary["baseline_final_fid"], color="gray", ls="--", lw=1, label="baseline's final FID")
     if all(p.get("fid", 0) and p["fid"] > 0 for r in payload["variants"].values() for p in r["evals"]):
@@ -450,7 +452,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     acc = payload["classifier"].get("test_accuracy")
     ax.set_xlabel("training GPU seconds" if env.get("cuda") else "training seconds (CPU wall clock)")
     ax.set_ylabel(f"FID (Fashion-MNIST classifier features, {cfg['num_samples']} samples)")
-    ax.set_title(f"{cfg['backbone']}/{cfg['preset']} on {env['device']}, batch {cfg['batch_size']}; "
+    ax.set_title(f"{cfg['backbone']}/{cfg['preset']} on {env['device']}, batch {cfg['batch_size']}, lr {cfg['lr']:g}; "
                  f"classifier test accuracy {acc:.3f}" if acc is not None else env["device"], fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
