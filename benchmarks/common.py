@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -64,3 +64,22 @@ def median(values: list[float]) -> float:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def earlier_payload(path: Path, payload: dict[str, Any], config_keys: Sequence[str],
+                    sections: Sequence[tuple[str, str]], script: str) -> dict[str, Any]:
+    """What an earlier run wrote to ``path``, for ``--append`` to extend with ``payload``'s run: refused, naming
+    every difference, unless the ``config_keys`` of the two configs and the ``(section, key)`` entries (the
+    device, say) agree, so that figures measured under other settings never end up side by side."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{script}: error: --append: cannot read {path}: {err}") from None
+    new = json.loads(json.dumps(payload, default=str))  # as it will be written
+    pairs = [("config", key) for key in config_keys] + list(sections)
+    differ = [f"{section} {key} {old.get(section, {}).get(key)!r} -> {new.get(section, {}).get(key)!r}"
+              for section, key in pairs if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
+    if differ:
+        raise SystemExit(f"{script}: error: --append: {path} was measured with other settings ("
+                         + "; ".join(differ) + "); use another --output or the same settings")
+    return old

@@ -54,7 +54,7 @@ from tokenroute.training import (BACKBONE_NAMES, DEFAULT_DATA_DIR, EMA, NUM_CLAS
                                  write_json)
 
 import fid as fidlib  # benchmarks/fid.py
-from common import Timer, bench_device, environment as benchmark_environment
+from common import Timer, bench_device, earlier_payload, environment as benchmark_environment
 
 RouteSpec = Any  # None | "tread" | [(start, end, ratio), ...] | callable(depth) -> routes
 
@@ -475,19 +475,8 @@ APPEND_MATCH = ("smoke", "backbone", "preset", "budget_seconds", "evals", "num_s
 
 def previous_variants(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
     """The variants of an earlier run in `path`, if it ran with the same settings, device and classifier."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"convergence.py: error: --append: cannot read {path}: {err}") from None
-    new_config = json.loads(json.dumps(jsonable(payload["config"])))
-    differ = [f"{k} {old.get('config', {}).get(k)!r} -> {new_config.get(k)!r}" for k in APPEND_MATCH
-              if old.get("config", {}).get(k) != new_config.get(k)]
-    for section, key in (("environment", "device"), ("classifier", "test_accuracy")):
-        if old.get(section, {}).get(key) != payload[section].get(key):
-            differ.append(f"{section} {key} {old.get(section, {}).get(key)!r} -> {payload[section].get(key)!r}")
-    if differ:
-        raise SystemExit(f"convergence.py: error: --append: {path} was measured with other settings ("
-                         + "; ".join(differ) + "); use another --output or the same settings")
+    old = earlier_payload(path, jsonable(payload), APPEND_MATCH,
+                          (("environment", "device"), ("classifier", "test_accuracy")), "convergence.py")
     return dict(old.get("variants", {}))
 
 

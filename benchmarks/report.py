@@ -103,6 +103,84 @@ def step_times(names: tuple[str, ...] = STEP_TIME_FILES) -> str:
     return "\n".join(rows)
 
 
+# The training-step figures each target is judged on, most current first: a backbone's row comes from the first
+# file that has it. Eager: fused AdamW at the largest batch the unrouted model fits. Compiled: fused AdamW once
+# timed (``throughput.py --compile-only --optimizer fused``), else the earlier unfused run.
+EAGER_FILES = ("throughput_largest_batch_dit_xl.json", "throughput_largest_batch_others.json",
+               "throughput_largest_batch_mamba.json")
+COMPILED_FILES = ("throughput_compiled_fused.json", "throughput_compiled_recheck.json", "throughput_compiled.json")
+
+
+def _rows_by_model(results: Path, names: tuple[str, ...]) -> dict[str, dict]:
+    """Each model's result from the first of ``names`` (files in ``results``) that has it; absent files skipped."""
+    rows: dict[str, dict] = {}
+    for name in names:
+        path = results / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            config = data["config"]
+            timing = f"median of {config['repetitions']} x {config['steps_per_repetition']} steps"
+            for result in data["results"]:
+                rows.setdefault(result["model"], {**result, "file": name, "timing": timing})
+    return rows
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def targets(results: Path = RESULTS, eager_files: tuple[str, ...] = EAGER_FILES,
+            compiled_files: tuple[str, ...] = COMPILED_FILES) -> str:
+    """Where the training-speed targets stand, one row per backbone, then the first step and time to quality:
+    each figure beside its target and the file it comes from, judged by ``throughput.meets_targets`` (today's
+    targets, whatever an older file recorded)."""
+    from throughput import TARGETS, meets_targets  # imports torch: only this table needs it
+
+    eager, compiled = _rows_by_model(results, eager_files), _rows_by_model(results, compiled_files)
+    verdicts = {mode: {model: meets_targets(r) for model, r in rows.items()}
+                for mode, rows in (("eager", eager), ("compiled", compiled))}
+
+    def floor(model: str) -> str:
+        return "achieved_over_ideal_dit_xl2" if model == "DiT-XL/2" else "achieved_over_ideal"
+
+    def speed(mode: str, rows: dict[str, dict], model: str) -> str:
+        if model not in rows:
+            return "not measured"
+        r = rows[model]
+        optimizer = "fused" if "fused" in r.get("optimizer", "") else "unfused"
+        return (f"{r['achieved_over_ideal']:.3f} ({_verdict(verdicts[mode][model][floor(model)])}; batch "
+                f"{r['batch']}, {optimizer} AdamW, {r['timing']}, `{r['file']}`)")
+
+    def ratios(model: str, key: str) -> str:
+        found = [(mode, rows[model][key], verdicts[mode][model][key])
+                 for mode, rows in (("eager", eager), ("compiled", compiled)) if model in rows]
+        return (", ".join(f"{value:.3f} {mode}" for mode, value, _ in found)
+                + f" ({_verdict(all(met for _, _, met in found))})")
+
+    rows = ["Where the training-speed targets stand (eager: fused AdamW at the largest batch the unrouted model fits):",
+            "", *header(["backbone", "achieved / FLOP-ideal, target", "eager", "compiled",
+                         f"routed / hand-written (<= {TARGETS['routed_over_handwritten_time']})",
+                         f"routing off / unwrapped (within {TARGETS['wrapped_off_over_unwrapped_time'] - 1:.0%})"])]
+    for model in eager | compiled:
+        rows.append(f"| {model} | >= {TARGETS[floor(model)]} | {speed('eager', eager, model)} | "
+                    f"{speed('compiled', compiled, model)} | {ratios(model, 'routed_over_handwritten_time')} | "
+                    f"{ratios(model, 'wrapped_off_over_unwrapped_time')} |")
+    first = json.loads((results / "first_step.json").read_text())
+    limit = first["targets"]["first_over_later_peak_memory"]
+    peaks = [(r["batch"], r["first_over_later_peak_memory"]) for r in first["results"]]
+    rows += ["", "- First routed step's peak memory over a later step's (target <= "
+             f"{limit}): " + ", ".join(f"{p:.3f} at batch {b}" for b, p in peaks)
+             + f" ({_verdict(all(p <= limit for _, p in peaks))}; `first_step.json`)."]
+    quality = json.loads((results / "convergence_long.json").read_text())["summary"]
+    reached = {name: v["time_ratio_to_baseline"] for name, v in quality["variants"].items()
+               if name != "baseline" and v["time_ratio_to_baseline"] is not None}
+    best = min(reached, key=reached.get) if reached else None
+    rows.append(f"- Time to the baseline's final FID over the baseline's time (target <= {quality['target_ratio']}): "
+                + (f"best {reached[best]:.2f} ({best}; {_verdict(reached[best] <= quality['target_ratio'])}"
+                   if best else "no variant reaches it (**missed**") + "; `convergence_long.json`).")
+    return "\n".join(rows)
+
+
 def caching(path: Path = RESULTS / "caching.json") -> str:
     """One table per step count, variants by their speed-up at a full batch."""
     data = json.loads(path.read_text())
@@ -178,21 +256,22 @@ def token_density(path: Path = RESULTS / "token_density.json") -> str:
 
 
 if __name__ == "__main__":
-    print(throughput())
-    print()
-    print(throughput(RESULTS / "throughput_compiled.json"))
-    largest = ("throughput_largest_batch_dit_xl.json", "throughput_largest_batch_others.json",
-               "throughput_largest_batch_mamba.json")
-    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json", *largest):
+    print(targets())  # the README's order: targets, a full GPU, the default batches, the profiles, earlier runs
+    for name in EAGER_FILES:
         print()
         print(throughput(RESULTS / name))
-    for name in largest:
         print()
         print(largest_batches(RESULTS / name))
+    for name in ("throughput_fused_dit_xl.json", "throughput_fused_others.json"):
+        print()
+        print(throughput(RESULTS / name))
     print()
     print(profile())
     print()
     print(profile(RESULTS / "profile_step_mamba_uvit.json"))
+    for name in ("throughput.json", "throughput_compiled.json", "throughput_compiled_recheck.json"):
+        print()
+        print(throughput(RESULTS / name))
     print()
     print(convergence())
     print()

@@ -15,6 +15,7 @@ over repetitions:
     python benchmarks/throughput.py --compile       # the same under torch.compile
     python benchmarks/throughput.py --smoke         # CPU, tiny models, seconds
     python benchmarks/throughput.py --largest-batch 4096   # at the unrouted largest batch, then each at its own
+    python benchmarks/throughput.py --compile-only --models DiT-B/2 --append --output FILE   # one model per run
 
 Every step runs with fused AdamW (what a performance-minded user runs) and with the unfused one
 (``--optimizer``). ``--largest-batch CAP`` times the variants at the largest batch (up to CAP) the unrouted model
@@ -39,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenroute
 from tokenroute.models import DiffusionMamba, DiT, UViT
 
-from common import RESULTS, Timer, bench_device, environment, median, write_json
+from common import RESULTS, Timer, bench_device, earlier_payload, environment, median, write_json
 from handwritten import HANDWRITTEN
 
 
@@ -324,6 +325,19 @@ def meets_targets(result: dict[str, Any]) -> dict[str, bool]:
             <= TARGETS["wrapped_off_over_unwrapped_time"] - 1}
 
 
+# Settings that must agree for --append to put results side by side (with the device and torch version).
+APPEND_MATCH = ("steps_per_repetition", "repetitions", "warmup_steps", "autocast", "optimizer", "largest_batch_cap",
+                "tf32", "cuda_alloc_conf")
+
+
+def add_result(results: list[dict[str, Any]], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """``results`` with ``result`` added, in place of an earlier one of the same model, mode and optimizer."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["model"], r["compile"], r["optimizer"]
+
+    return [r for r in results if key(r) != key(result)] + [result]
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -364,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="AdamW(fused=True), the one a performance-minded user runs, the unfused one, or both")
     parser.add_argument("--largest-batch", type=int, default=None, metavar="CAP",
                         help="time at the unrouted model's largest batch (up to CAP), then each variant at its own")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results already in --output (same settings, device and torch required) and add "
+                             "or redo these: one model per run (each under a time limit) makes one file")
     args = parser.parse_args(argv)
 
     device = bench_device(cpu=args.smoke)
@@ -384,12 +401,16 @@ def main(argv: list[str] | None = None) -> None:
                           "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},
                "targets": TARGETS,
                "results": []}
+    if args.append and out.is_file():
+        payload["results"] = earlier_payload(out, payload, APPEND_MATCH, (("environment", "device"),
+                                                                          ("environment", "torch")),
+                                             "throughput.py").get("results", [])
     modes = [True] if args.compile_only else [False, True] if args.compile else [False]
     optimizers = {"fused": [True], "unfused": [False], "both": [False, True]}[args.optimizer]
     for compile_, fused, config in ((c, f, m) for c in modes for f in optimizers for m in configs):
         r = bench(config, device, steps, warmup, reps, compile_, fused, args.largest_batch)
         r["meets_targets"] = meets_targets(r)
-        payload["results"].append(r)
+        payload["results"] = add_result(payload["results"], r)
         write_json(out, payload)  # after every model: a run cut short keeps what it measured
         v = r["variants"]
         print(f"{r['model']:>10} {'compiled' if compile_ else 'eager':>8} {r['optimizer']:>12} batch {r['batch']}: "

@@ -75,6 +75,24 @@ def test_throughput_smoke(tmp_path):
     assert is_png(out.with_suffix(".png"))
 
 
+def test_throughput_append_gathers_one_model_per_run(tmp_path):
+    import throughput
+    out = tmp_path / "gathered.json"
+    run = ["--smoke", "--output", str(out), "--steps", "1", "--reps", "1", "--warmup", "1", "--optimizer", "fused",
+           "--append"]
+    throughput.main([*run, "--models", "DiT-tiny"])
+    throughput.main([*run, "--models", "Mamba-tiny"])
+    first = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in first] == ["DiT-tiny", "Mamba-tiny"]
+    throughput.main([*run, "--models", "DiT-tiny"])  # redone: replaces its earlier result, keeps the other
+    again = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in again] == ["Mamba-tiny", "DiT-tiny"]
+    assert again[0] == first[1] and again[1] != first[0]
+    with pytest.raises(SystemExit, match=r"other settings \(config steps_per_repetition 1 -> 2\)"):
+        throughput.main([*run, "--models", "U-ViT-tiny", "--steps", "2"])
+    assert json.loads(out.read_text())["results"] == again  # refused before anything ran or was written
+
+
 # --------------------------------------------------------------------------------------------------
 # fid.py
 # --------------------------------------------------------------------------------------------------
@@ -446,3 +464,59 @@ class _Counted:
     def __call__(self, *args, **kwargs):
         self.calls += 1
         return self.function(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# report.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_report_prints_its_tables_from_the_committed_results(capsys):
+    import runpy
+
+    import report
+    runpy.run_path(str(Path(report.__file__)), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.startswith("Where the training-speed targets stand")
+    for name in (*report.EAGER_FILES, "throughput.json", "convergence_long.json", "first_step.json"):
+        assert f"{name}`" in out, name
+
+
+def _throughput_file(path: Path, reps: int, results: list[dict]) -> None:
+    path.write_text(json.dumps({"config": {"repetitions": reps, "steps_per_repetition": 6}, "results": [
+        {"optimizer": "AdamW, fused", "batch": 64, "routed_over_handwritten_time": 1.0,
+         "wrapped_off_over_unwrapped_time": 1.0, **r} for r in results]}))
+
+
+def test_report_targets_judge_the_most_current_figure_of_each_backbone(tmp_path):
+    import report
+    _throughput_file(tmp_path / "eager_xl.json", 5, [{"model": "DiT-XL/2", "achieved_over_ideal": 0.975}])
+    _throughput_file(tmp_path / "eager_others.json", 5, [
+        {"model": "DiT-B/2", "achieved_over_ideal": 0.975, "routed_over_handwritten_time": 1.02},
+        {"model": "U-ViT-M/2", "achieved_over_ideal": 0.951}])
+    _throughput_file(tmp_path / "compiled_new.json", 3, [{"model": "DiT-B/2", "achieved_over_ideal": 0.90}])
+    _throughput_file(tmp_path / "compiled_old.json", 7, [
+        {"model": "DiT-B/2", "achieved_over_ideal": 0.99}, {"model": "DiT-XL/2", "achieved_over_ideal": 0.985,
+                                                           "optimizer": "AdamW", "wrapped_off_over_unwrapped_time": 0.98}])
+    (tmp_path / "first_step.json").write_text(json.dumps({
+        "targets": {"first_over_later_peak_memory": 1.05},
+        "results": [{"batch": 64, "first_over_later_peak_memory": 1.04}, {"batch": 128, "first_over_later_peak_memory": 1.06}]}))
+    (tmp_path / "convergence_long.json").write_text(json.dumps({"summary": {"target_ratio": 0.5, "variants": {
+        "baseline": {"time_ratio_to_baseline": 1.0}, "tread_all": {"time_ratio_to_baseline": 0.45},
+        "maskdit": {"time_ratio_to_baseline": None}}}}))
+
+    text = report.targets(tmp_path, ("eager_xl.json", "eager_others.json"), ("compiled_new.json", "compiled_old.json"))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")}
+    _, xl_eager, xl_compiled, xl_routed, xl_off = rows["DiT-XL/2"]
+    assert xl_eager.startswith("0.975 (**missed**") and "median of 5 x 6 steps, `eager_xl.json`" in xl_eager  # 0.98 floor
+    assert xl_compiled.startswith("0.985 (met") and "unfused AdamW" in xl_compiled and "compiled_old.json" in xl_compiled
+    assert xl_routed.startswith("1.000 eager, 1.000 compiled (met)")
+    assert xl_off.startswith("1.000 eager, 0.980 compiled (**missed**)")  # one mode out of 1% misses the target
+    _, b_eager, b_compiled, b_routed, _ = rows["DiT-B/2"]
+    assert b_eager.startswith("0.975 (met")  # the 0.95 floor of the other backbones
+    assert b_compiled.startswith("0.900 (**missed**") and "compiled_new.json" in b_compiled  # the newer file first
+    assert b_routed.startswith("1.020 eager, 1.000 compiled (**missed**)")
+    assert rows["U-ViT-M/2"][2] == "not measured"
+    assert "1.040 at batch 64, 1.060 at batch 128 (**missed**" in text
+    assert "best 0.45 (tread_all; met" in text
