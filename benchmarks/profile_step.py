@@ -13,7 +13,8 @@ unwrapped and the routed variant, and sums the device time of every kernel into 
   other      everything else: norms, activations, modulation, embeddings
 
 The speed-up of each category, and the achieved / ideal ratio with the optimizer's fixed cost taken out,
-show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch.
+show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch; the kernels that
+take the unwrapped step longest are listed one by one (``--top``), with their speed-up, to say which fall short.
 
     python benchmarks/profile_step.py --models DiT-XL/2 --compile     # GPU
     python benchmarks/profile_step.py --models DiT-XL/2 --optimizer fused --batch 160   # where the step fills an H100
@@ -53,24 +54,42 @@ def category(name: str) -> str:
 
 
 def kernel_ms(step, steps: int, device: torch.device) -> dict[str, float]:
-    """Device time per step (ms) of every category, from a profile of ``steps`` steps."""
+    """Device time per step (ms) of every kernel, by name, from a profile of ``steps`` steps."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
-    totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    kernels: dict[str, float] = {}
     for event in prof.key_averages():
         if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        totals[category(event.key)] += us / 1000 / steps
+        kernels[event.key] = kernels.get(event.key, 0.0) + us / 1000 / steps
+    return kernels
+
+
+def by_category(kernels: dict[str, float]) -> dict[str, float]:
+    """Kernel times summed into the categories."""
+    totals = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for name, ms in kernels.items():
+        totals[category(name)] += ms
     return totals
 
 
+def top_kernels(kernels: dict[str, dict[str, float]], count: int) -> list[dict[str, Any]]:
+    """The ``count`` kernels that take the unwrapped step longest, each with its time in both variants: which
+    kernels fall short of the share of tokens the routed blocks keep (a category's total does not say)."""
+    unwrapped, routed = kernels["unwrapped"], kernels["routed"]
+    return [{"kernel": name[:200], "category": category(name), "unwrapped_ms": unwrapped[name],
+             "routed_ms": routed.get(name, 0.0),
+             "speedup": unwrapped[name] / routed[name] if routed.get(name) else None}
+            for name in sorted(unwrapped, key=unwrapped.get, reverse=True)[:count]]
+
+
 def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool,
-                  fused: bool = False, batch: int | None = None) -> dict[str, Any]:
+                  fused: bool = False, batch: int | None = None, top: int = 25) -> dict[str, Any]:
     torch.manual_seed(0)
     model = config.build().to(device).train()
     tokenroute.wrap(model, config.routes, seed=0)
@@ -85,7 +104,8 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         for _ in range(warmup):
             fn()
     step_ms = {k: Timer(device)(steps_fn[k], steps) for k in VARIANTS}  # unprofiled, for comparison
-    ms = {k: kernel_ms(steps_fn[k], steps, device) for k in VARIANTS}
+    kernels = {k: kernel_ms(steps_fn[k], steps, device) for k in VARIANTS}
+    ms = {k: by_category(v) for k, v in kernels.items()}
     if not all(sum(v.values()) > 0 for v in ms.values()):
         raise RuntimeError("the profile recorded no kernel time: is this torch's profiler built with CUDA support?")
     total = {k: sum(v.values()) for k, v in ms.items()}
@@ -103,6 +123,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         "kernel_speedup": total["unwrapped"] / total["routed"],
         "kernel_achieved_over_ideal": total["unwrapped"] / total["routed"] / ideal,
         "achieved_over_ideal_without_optimizer": without_optimizer["unwrapped"] / without_optimizer["routed"] / ideal,
+        "top_kernels": top_kernels(kernels, top),
     }
     del model, optimizer, fns, steps_fn
     if device.type == "cuda":
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: each model's batch in throughput.py")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per variant")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--top", type=int, default=25, help="kernels listed one by one (by unwrapped time)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -135,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                "results": []}
     for compile_ in [False, True] if args.compile else [False]:
         for config in configs:
-            r = profile_model(config, device, steps, warmup, compile_, args.optimizer == "fused", args.batch)
+            r = profile_model(config, device, steps, warmup, compile_, args.optimizer == "fused", args.batch, args.top)
             payload["results"].append(r)
             write_json(out, payload)
             print(f"{r['model']} {'compiled' if compile_ else 'eager'}: "

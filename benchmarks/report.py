@@ -42,7 +42,7 @@ def throughput(path: Path = RESULTS / "throughput.json") -> str:
     return "\n".join(rows)
 
 
-def profile(path: Path = RESULTS / "profile_step.json") -> str:
+def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
     data = json.loads(path.read_text())
     env = data["environment"]
     present = data["results"][0]["kernel_ms_per_step"]["unwrapped"]
@@ -57,6 +57,13 @@ def profile(path: Path = RESULTS / "profile_step.json") -> str:
                 + (", fused AdamW" if "fused" in r.get("optimizer", "") else ""))
         rows.append(f"| {name} | {cells} | {r['kernel_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                     f"{r['kernel_achieved_over_ideal']:.2f} | {r['achieved_over_ideal_without_optimizer']:.2f} |")
+    for r in data["results"]:  # files from before the kernels were listed one by one have none
+        if r.get("top_kernels"):
+            rows += ["", f"{r['model']}, batch {r['batch']}{' (compiled)' if r['compile'] else ''}: the kernels that "
+                     "take the unwrapped step longest", "",
+                     *header(["kernel", "category", "unwrapped ms", "routed ms", "speed-up"])]
+            rows += [f"| `{k['kernel'][:80]}` | {k['category']} | {k['unwrapped_ms']:.2f} | {k['routed_ms']:.2f} | "
+                     + ("-" if k["speedup"] is None else f"{k['speedup']:.2f}x") + " |" for k in r["top_kernels"][:top]]
     return "\n".join(rows)
 
 

@@ -280,6 +280,11 @@ def test_profile_step_smoke(tmp_path):
     assert result["kernel_ms_per_step"]["routed"]["gather_scatter"] > 0  # the route's token selection is caught
     assert math.isclose(sum(result["share_of_unwrapped"].values()), 1.0)
     assert result["ideal_speedup"] > 1
+    top = result["top_kernels"]  # one by one, longest first, each in the category its time was summed into
+    assert 0 < len(top) <= 25 and top == sorted(top, key=lambda k: -k["unwrapped_ms"])
+    assert top[0]["unwrapped_ms"] <= result["kernel_ms_per_step"]["unwrapped"][top[0]["category"]] + 1e-9
+    assert {k["category"] for k in top} <= {*profile_step.CATEGORIES, "other"}
+    assert all(k["speedup"] is None or k["speedup"] == pytest.approx(k["unwrapped_ms"] / k["routed_ms"]) for k in top)
 
 
 def test_first_step_smoke(tmp_path):
