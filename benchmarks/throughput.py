@@ -154,8 +154,12 @@ def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, st
                 if device.type == "cuda":
                     peak[k] = max(peak[k], torch.cuda.max_memory_allocated())
     except torch.OutOfMemoryError as err:
+        if device.type != "cuda":
+            raise
+        free, total = torch.cuda.mem_get_info()  # what the device has left beyond the allocator's reserve
         err.add_note(f"out of memory in {k}'s step with {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
-                     f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved")
+                     f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved, {free / 2**30:.1f} of the device's "
+                     f"{total / 2**30:.1f} GiB free")
         raise
     return times, peak
 

@@ -460,6 +460,18 @@ def test_largest_batches_step_down_where_they_do_not_fit_interleaved(monkeypatch
                                                                                    "routed": (64, 52)}
 
 
+def test_time_steps_lets_running_out_of_memory_through_as_itself():
+    """The step-down catches torch.OutOfMemoryError: the timing passes it on unchanged (on a GPU with a note of the
+    memory in use), never as another error from reading the memory."""
+    import throughput
+
+    def step():
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        throughput.time_steps({"unwrapped": lambda: None, "routed": step}, torch.device("cpu"), 1, 1, 1)
+
+
 class _Counted:
     """A function that counts its calls."""
 
