@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenroute
 from tokenroute.methods.caching import (CacheRouter, CachingConfig, FirstBlockCacheConfig, RouterTrainingConfig,
                                         apply_caching, apply_first_block_cache, cache_slots, generate, train_router)
+from tokenroute.training import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fid  # noqa: E402
@@ -192,7 +192,7 @@ def latencies(models: dict[str, torch.nn.Module], sampler: Any, batch: int, devi
 
 def flops(model: torch.nn.Module, sampler: Any, device: torch.device, size: int = 32) -> int:
     """FLOPs of one generation of one image (classifier-free guidance batched: two rows)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         sample(model, sampler, torch.randn(1, 1, size, size, device=device), torch.zeros(1, dtype=torch.long,
                                                                                           device=device))
     return int(counter.get_total_flops())

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenroute
 from tokenroute.models import DiT
+from tokenroute.training import flop_counter
 
 from common import RESULTS, bench_device, environment, write_json
 from throughput import random_inputs
@@ -34,7 +34,7 @@ def one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs, d
         torch.cuda.reset_peak_memory_stats()
         resting = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(*inputs).float().square().mean()
         loss.backward()

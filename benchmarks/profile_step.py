@@ -19,6 +19,7 @@ take the unwrapped step longest are listed one by one (``--top``), with their sp
     python benchmarks/profile_step.py --models DiT-XL/2 --compile     # GPU
     python benchmarks/profile_step.py --models DiT-XL/2 --optimizer fused --batch 160   # where the step fills an H100
     python benchmarks/profile_step.py --smoke                         # CPU, tiny model, seconds
+    python benchmarks/profile_step.py --flops-only --models DiT-XL/2,U-ViT-M/2,Mamba-B/2   # CPU: FLOPs by category
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenroute
 
 from common import RESULTS, Timer, bench_device, environment, write_json
-from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, scaled_flops
+from throughput import GPU_CONFIGS, SMOKE_CONFIGS, Config, forwards, make_step, random_inputs, variant_flops
 
 CATEGORIES = {  # first match wins; names cover CUDA kernels and, for the CPU smoke run, aten ops
     "optimizer": ("multi_tensor_apply", "adam", "_foreach"),
@@ -88,6 +89,18 @@ def top_kernels(kernels: dict[str, dict[str, float]], count: int) -> list[dict[s
             for name in sorted(unwrapped, key=unwrapped.get, reverse=True)[:count]]
 
 
+def flop_ideals(model: torch.nn.Module, config: Config, batch: int, device: torch.device) -> dict[str, Any]:
+    """The wrapped ``model``'s training-step FLOPs by category, unwrapped and routed, and the speed-ups they allow
+    in all and per category (matmuls fall with the tokens kept, attention with their square). Counted at
+    ``batch``: the ratios do not depend on it."""
+    eager = forwards(model, config.routes, False)
+    counted = variant_flops({k: eager[k] for k in VARIANTS}, random_inputs(model, batch, device))
+    unwrapped, routed = counted["unwrapped"], counted["routed"]
+    return {"flops_counted_at_batch": batch, "flops_by_category": counted,
+            "ideal_speedup": sum(unwrapped.values()) / sum(routed.values()),
+            "ideal_speedup_by_category": {c: unwrapped[c] / routed[c] for c in unwrapped if routed.get(c)}}
+
+
 def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool,
                   fused: bool = False, batch: int | None = None, top: int = 25) -> dict[str, Any]:
     torch.manual_seed(0)
@@ -96,8 +109,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     batch = batch or config.batch
     inputs = random_inputs(model, batch, device)
-    eager = forwards(model, config.routes, False)
-    flops = scaled_flops({k: eager[k] for k in VARIANTS}, model, config.batch, device)(batch)
+    flops = flop_ideals(model, config, config.batch, device)  # at the configured batch: the count runs in fp32
     fns = forwards(model, config.routes, compile_)
     steps_fn = {k: make_step(fns[k], optimizer, inputs, device.type == "cuda") for k in VARIANTS}
     for fn in steps_fn.values():
@@ -109,7 +121,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     if not all(sum(v.values()) > 0 for v in ms.values()):
         raise RuntimeError("the profile recorded no kernel time: is this torch's profiler built with CUDA support?")
     total = {k: sum(v.values()) for k, v in ms.items()}
-    ideal = flops["unwrapped"] / flops["routed"]
+    ideal = flops["ideal_speedup"]
     without_optimizer = {k: total[k] - ms[k]["optimizer"] for k in VARIANTS}
     result = {
         "model": config.name, "batch": batch, "routes": config.routes, "compile": compile_,
@@ -120,6 +132,7 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         "speedup_by_category": {c: ms["unwrapped"][c] / ms["routed"][c] if ms["routed"][c] else None
                                 for c in ms["unwrapped"]},
         "ideal_speedup": ideal,
+        "ideal_speedup_by_category": flops["ideal_speedup_by_category"],
         "kernel_speedup": total["unwrapped"] / total["routed"],
         "kernel_achieved_over_ideal": total["unwrapped"] / total["routed"] / ideal,
         "achieved_over_ideal_without_optimizer": without_optimizer["unwrapped"] / without_optimizer["routed"] / ideal,
@@ -129,6 +142,24 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def count_flops(configs: list[Config], batch: int, out: Path) -> None:
+    """``flop_ideals`` of each model on the CPU, into ``out``: the per-category ideals of profiles made before
+    profiles recorded them."""
+    device = torch.device("cpu")
+    payload = {"benchmark": "profile_flops", "environment": environment(), "config": {"batch": batch}, "results": []}
+    for config in configs:
+        torch.manual_seed(0)
+        model = config.build().train()
+        tokenroute.wrap(model, config.routes, seed=0)
+        payload["results"].append({"model": config.name, "routes": config.routes,
+                                   **flop_ideals(model, config, batch, device)})
+        write_json(out, payload)
+        r = payload["results"][-1]
+        print(f"{config.name}: ideal {r['ideal_speedup']:.3f}x; "
+              + ", ".join(f"{c} {x:.3f}x" for c, x in r["ideal_speedup_by_category"].items()), flush=True)
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,13 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per variant")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--top", type=int, default=25, help="kernels listed one by one (by unwrapped time)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count each model's FLOPs by category, unwrapped and routed (no timing; on the CPU "
+                             "at batch 1 unless --batch: the ratios do not depend on the device or the batch)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    device = bench_device(cpu=args.smoke)
     configs = SMOKE_CONFIGS[:1] if args.smoke else [c for c in GPU_CONFIGS if c.name in args.models.split(",")]
     if not configs:
         parser.error(f"--models {args.models!r} names none of {[c.name for c in GPU_CONFIGS]}")
+    if args.flops_only:
+        return count_flops(configs, args.batch or 1, args.output or RESULTS / "profile_flops.json")
+    device = bench_device(cpu=args.smoke)
     steps, warmup = args.steps or (1 if args.smoke else 5), args.warmup or (1 if args.smoke else 5)
     out = args.output or RESULTS / ("profile_step_smoke.json" if args.smoke else "profile_step.json")
     payload = {"benchmark": "profile_step", "environment": environment(),

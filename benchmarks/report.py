@@ -67,6 +67,33 @@ def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
     return "\n".join(rows)
 
 
+def profile_against_flops(paths: tuple[Path, ...] = (RESULTS / "profile_step.json",
+                                                      RESULTS / "profile_step_mamba_uvit.json"),
+                          flops_path: Path = RESULTS / "profile_flops.json") -> str:
+    """Each category's kernel speed-up beside the speed-up its FLOPs allow: matmuls and attention against their
+    own FLOP ratios, the other kernels against the matmuls' (what work that scales with the tokens kept allows).
+    The ideals come from the profile where it recorded them, else from ``profile_step.py --flops-only``."""
+    counted = {r["model"]: r["ideal_speedup_by_category"] for r in json.loads(flops_path.read_text())["results"]}
+    rows = [f"Kernel speed-up by category against its FLOP ideal (`{flops_path.relative_to(RESULTS.parent.parent)}` "
+            "where a profile has none):", "",
+            *header(["model", "matmul (ideal)", "attention (ideal)", "other (against the matmuls' ideal)"])]
+    for path in paths:
+        for r in json.loads(path.read_text())["results"]:
+            ideal = r.get("ideal_speedup_by_category") or counted[r["model"]]
+            ms = r["kernel_ms_per_step"]
+
+            def cell(category: str, reference: str) -> str:
+                if not ms["routed"].get(category) or reference not in ideal:
+                    return "-"
+                speedup = ms["unwrapped"][category] / ms["routed"][category]
+                return f"{speedup:.2f}x ({ideal[reference]:.2f}x): {speedup / ideal[reference]:.2f}"
+
+            name = f"{r['model']}, batch {r['batch']}" + (" (compiled)" if r["compile"] else " (eager)")
+            rows.append(f"| {name} | {cell('matmul', 'matmul')} | {cell('attention', 'attention')} | "
+                        f"{cell('other', 'matmul')} |")
+    return "\n".join(rows)
+
+
 def convergence(path: Path = RESULTS / "convergence.json") -> str:
     data = json.loads(path.read_text())
     env, config, summary = data["environment"], data["config"], data["summary"]
@@ -276,6 +303,8 @@ if __name__ == "__main__":
     print(profile())
     print()
     print(profile(RESULTS / "profile_step_mamba_uvit.json"))
+    print()
+    print(profile_against_flops())
     for name in ("throughput.json", "throughput_compiled.json", "throughput_compiled_recheck.json"):
         print()
         print(throughput(RESULTS / name))

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenroute
 from tokenroute.models import DiffusionMamba, DiT, UViT
+from tokenroute.training import flop_counter, flops_by_category
 
 from common import RESULTS, Timer, bench_device, earlier_payload, environment, median, write_json
 from handwritten import HANDWRITTEN
@@ -105,15 +105,17 @@ def random_inputs(model: torch.nn.Module, batch: int, device: torch.device) -> t
             torch.randint(0, model.num_classes, (batch,), device=device))
 
 
-def step_flops(forward, inputs) -> int:
-    with FlopCounterMode(display=False) as counter:
+def step_flops(forward, inputs) -> dict[str, int]:
+    """FLOPs of one training step (forward, loss, backward) by category (matmul, attention)."""
+    with flop_counter() as counter:
         forward(*inputs).float().square().mean().backward()
-    return counter.get_total_flops()
+    return flops_by_category(counter)
 
 
-def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[str, int]:
-    """FLOPs of one training step of each variant. A wrapped model traces its graph at its first routed
-    forward: that forward runs before the counts, outside them. The gradients the counts leave are cleared."""
+def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[str, dict[str, int]]:
+    """FLOPs of one training step of each variant, by category. A wrapped model traces its graph at its first
+    routed forward: that forward runs before the counts, outside them. The gradients the counts leave are
+    cleared."""
     models = [fn for fn in fns.values() if isinstance(fn, torch.nn.Module)]
     for model in models:
         if tokenroute.is_wrapped(model):
@@ -126,9 +128,9 @@ def variant_flops(fns: dict[str, Callable[..., torch.Tensor]], inputs) -> dict[s
 
 def scaled_flops(fns: dict[str, Callable[..., torch.Tensor]], model: torch.nn.Module, counted_batch: int,
                  device: torch.device) -> Callable[[int], dict[str, int]]:
-    """``variant_flops`` counted once at ``counted_batch`` and scaled to any batch (FLOPs are linear in it): the
-    count runs in fp32 without autocast, so a batch that fills the GPU in bf16 would not fit it."""
-    counted = variant_flops(fns, random_inputs(model, counted_batch, device))
+    """``variant_flops`` in all, counted once at ``counted_batch`` and scaled to any batch (FLOPs are linear in
+    it): the count runs in fp32 without autocast, so a batch that fills the GPU in bf16 would not fit it."""
+    counted = {k: sum(v.values()) for k, v in variant_flops(fns, random_inputs(model, counted_batch, device)).items()}
     return lambda batch: {k: round(f * batch / counted_batch) for k, f in counted.items()}
 
 

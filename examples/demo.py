@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import tokenroute
 from tokenroute.training import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, DataError, build_model,
-                                 format_routes, locate_fashion_mnist, make_task, parse_routes, stack_depth,
+                                 flop_counter, format_routes, locate_fashion_mnist, make_task, parse_routes, stack_depth,
                                  tread_routes, write_json, write_synthetic_fashion_mnist)
 
 import train  # examples/train.py, beside this file (a script's own folder is on sys.path)
@@ -133,15 +133,14 @@ def _loss_csv_progress(path: Path, since: float) -> tuple[int, str]:
 
 
 def training_step_flops(model: nn.Module, batch_size: int = 2, seed: int = 0) -> int:
-    """FLOPs (torch.utils.flop_counter) of one training forward + backward of `model` on random input."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs (torch.utils.flop_counter, attention included on the CPU too) of one training forward + backward of
+    `model` on random input."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, model.in_channels, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     t = torch.rand(batch_size, generator=g)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=g)
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(x, t, y).square().mean().backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

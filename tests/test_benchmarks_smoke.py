@@ -280,11 +280,30 @@ def test_profile_step_smoke(tmp_path):
     assert result["kernel_ms_per_step"]["routed"]["gather_scatter"] > 0  # the route's token selection is caught
     assert math.isclose(sum(result["share_of_unwrapped"].values()), 1.0)
     assert result["ideal_speedup"] > 1
+    ideal = result["ideal_speedup_by_category"]  # attention falls with the square of the tokens, matmuls linearly
+    assert set(ideal) == {"matmul", "attention"} and ideal["attention"] > ideal["matmul"] > 1
+    assert min(ideal.values()) < result["ideal_speedup"] < max(ideal.values())
     top = result["top_kernels"]  # one by one, longest first, each in the category its time was summed into
     assert 0 < len(top) <= 25 and top == sorted(top, key=lambda k: -k["unwrapped_ms"])
     assert top[0]["unwrapped_ms"] <= result["kernel_ms_per_step"]["unwrapped"][top[0]["category"]] + 1e-9
     assert {k["category"] for k in top} <= {*profile_step.CATEGORIES, "other"}
     assert all(k["speedup"] is None or k["speedup"] == pytest.approx(k["unwrapped_ms"] / k["routed_ms"]) for k in top)
+
+
+def test_profile_flops_only_counts_by_category_at_any_batch(tmp_path):
+    import profile_step
+    ideals = []
+    for batch in (1, 3):  # the ratios do not depend on the batch; the counts scale with it
+        out = tmp_path / f"flops_{batch}.json"
+        profile_step.main(["--smoke", "--flops-only", "--batch", str(batch), "--output", str(out)])
+        (result,) = json.loads(out.read_text())["results"]
+        assert result["flops_counted_at_batch"] == batch
+        ideals.append(result)
+    one, three = ideals
+    for variant in profile_step.VARIANTS:
+        assert {c: 3 * n for c, n in one["flops_by_category"][variant].items()} == three["flops_by_category"][variant]
+    assert one["ideal_speedup_by_category"] == pytest.approx(three["ideal_speedup_by_category"])
+    assert set(one["ideal_speedup_by_category"]) == {"matmul", "attention"}
 
 
 def test_first_step_smoke(tmp_path):

@@ -13,13 +13,13 @@ import copy
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 pytest.importorskip("diffusers")
 
 import tokenroute  # noqa: E402
 from tokenroute import RouteError  # noqa: E402
 from tokenroute.core.patches import registry_of  # noqa: E402
+from tokenroute.training import flop_counter  # noqa: E402
 from tokenroute.utils import output_tensor  # noqa: E402
 
 from family import Case, all_cases  # noqa: E402
@@ -83,7 +83,7 @@ def kept_positions(full: torch.Tensor, reduced: torch.Tensor) -> list[int]:
 
 
 def flops(model, inputs) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # attention counted on the CPU too
         forward(model, inputs).float().square().mean().backward()
     return counter.get_total_flops()
 

@@ -5,7 +5,8 @@
 One module per concern: `data` (the idx files, a synthetic stand-in, per-step batches and noise), `presets`
 (backbone sizes, routes on a command line), `tasks` (objectives), `samplers` (sampling loops), `samples`
 (class-conditional sample grids from a model), `ema`, `checkpoints`, `sharding` (FSDP2 and DeepSpeed through
-Accelerate), `logs` (loss log, plots, image grids, JSON, progress) and `runs` (what a summary records).
+Accelerate), `logs` (loss log, plots, image grids, JSON, progress), `runs` (what a summary records) and `flops` (FLOP counts
+with attention included on the CPU too).
 `import tokenroute` does not import this package. Beyond torch it uses numpy, matplotlib, safetensors and tqdm,
 each imported where it is needed (``pip install 'tokenroute[train]'``).
 """
@@ -20,6 +21,7 @@ from .data import (CLASSES, DEFAULT_DATA_DIR, IMAGE_SIZE, NUM_CLASSES, PAD, SPLI
                    to_model_range,
                    write_idx, write_synthetic_fashion_mnist)
 from .ema import EMA
+from .flops import flop_category, flop_counter, flops_by_category
 from .logs import (LOSS_FIELDS, LossLog, Progress, image_grid, jsonable, mask_checksum, read_loss_csv, save_grid,
                    save_loss_plot, write_json)
 from .presets import (BACKBONE_NAMES, PRESET_DEFAULTS, PRESET_NAMES, PRESETS, build_model, format_routes,
@@ -60,6 +62,9 @@ __all__ = [
     "drop_labels",
     "edm_heun_sampler",
     "environment",
+    "flop_category",
+    "flop_counter",
+    "flops_by_category",
     "flow_euler_sampler",
     "format_routes",
     "full_optimizer_state",
