@@ -168,14 +168,11 @@ def targets(results: Path = RESULTS, eager_files: tuple[str, ...] = EAGER_FILES,
     """Where the training-speed targets stand, one row per backbone, then the first step and time to quality:
     each figure beside its target and the file it comes from, judged by ``throughput.meets_targets`` (today's
     targets, whatever an older file recorded)."""
-    from throughput import TARGETS, meets_targets  # imports torch: only this table needs it
+    from throughput import TARGETS, floor_target as floor, meets_targets  # imports torch: only this table needs it
 
     eager, compiled = _rows_by_model(results, eager_files), _rows_by_model(results, compiled_files)
     verdicts = {mode: {model: meets_targets(r) for model, r in rows.items()}
                 for mode, rows in (("eager", eager), ("compiled", compiled))}
-
-    def floor(model: str) -> str:
-        return "achieved_over_ideal_dit_xl2" if model == "DiT-XL/2" else "achieved_over_ideal"
 
     def speed(mode: str, rows: dict[str, dict], model: str) -> str:
         if model not in rows:

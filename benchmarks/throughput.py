@@ -322,9 +322,14 @@ TARGETS = {"achieved_over_ideal_dit_xl2": 0.98, "achieved_over_ideal": 0.95, "ro
            "wrapped_off_over_unwrapped_time": 1.01}
 
 
+def floor_target(model: str) -> str:
+    """The achieved / FLOP-ideal target that applies to ``model`` (a name in TARGETS)."""
+    return "achieved_over_ideal_dit_xl2" if model == "DiT-XL/2" else "achieved_over_ideal"
+
+
 def meets_targets(result: dict[str, Any]) -> dict[str, bool]:
     """Each target that applies to this result, and whether the result meets it (time ratios within 1%)."""
-    floor = "achieved_over_ideal_dit_xl2" if result["model"] == "DiT-XL/2" else "achieved_over_ideal"
+    floor = floor_target(result["model"])
     return {floor: result["achieved_over_ideal"] >= TARGETS[floor],
             "routed_over_handwritten_time": result["routed_over_handwritten_time"] <= TARGETS["routed_over_handwritten_time"],
             "wrapped_off_over_unwrapped_time": abs(result["wrapped_off_over_unwrapped_time"] - 1)
