@@ -67,7 +67,8 @@ def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
     return "\n".join(rows)
 
 
-def profile_against_flops(paths: tuple[Path, ...] = (RESULTS / "profile_step.json",
+def profile_against_flops(paths: tuple[Path, ...] = (RESULTS / "profile_step_dit_xl_fused_b160.json",
+                                                      RESULTS / "profile_step.json",
                                                       RESULTS / "profile_step_mamba_uvit.json"),
                           flops_path: Path = RESULTS / "profile_flops.json") -> str:
     """Each category's kernel speed-up beside the speed-up its FLOPs allow: matmuls and attention against their
@@ -297,9 +298,10 @@ if __name__ == "__main__":
         print()
         print(throughput(RESULTS / name))
     print()
-    print(profile())
-    print()
-    print(profile(RESULTS / "profile_step_mamba_uvit.json"))
+    print(throughput(RESULTS / "throughput_compiled_fused.json"))
+    for name in ("profile_step_dit_xl_fused_b160.json", "profile_step.json", "profile_step_mamba_uvit.json"):
+        print()
+        print(profile(RESULTS / name))
     print()
     print(profile_against_flops())
     for name in ("throughput.json", "throughput_compiled.json", "throughput_compiled_recheck.json"):
