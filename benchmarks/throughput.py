@@ -30,6 +30,7 @@ import copy
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -146,8 +147,11 @@ def time_steps(step_fns: dict[str, Callable[[], None]], device: torch.device, st
     k = names[0]
     try:
         for k, fn in step_fns.items():
+            began = time.perf_counter()
             for _ in range(warmup):
                 fn()
+            # progress: under --compile the warm-up compiles, and a run cut short by a time limit shows how far it got
+            print(f"  warmed up {k} in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         for rep in range(reps):
             for k in names[rep % len(names):] + names[: rep % len(names)]:
                 if device.type == "cuda":
