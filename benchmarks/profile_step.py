@@ -89,6 +89,13 @@ def top_kernels(kernels: dict[str, dict[str, float]], count: int) -> list[dict[s
             for name in sorted(unwrapped, key=unwrapped.get, reverse=True)[:count]]
 
 
+def wrapped_model(config: Config, device: torch.device) -> torch.nn.Module:
+    """``config``'s model in training mode with its routes, seeded as every run of this script is."""
+    torch.manual_seed(0)
+    model = config.build().to(device).train()
+    return tokenroute.wrap(model, config.routes, seed=0)
+
+
 def flop_ideals(model: torch.nn.Module, config: Config, batch: int, device: torch.device) -> dict[str, Any]:
     """The wrapped ``model``'s training-step FLOPs by category, unwrapped and routed, and the speed-ups they allow
     in all and per category (matmuls fall with the tokens kept, attention with their square). Counted at
@@ -103,9 +110,7 @@ def flop_ideals(model: torch.nn.Module, config: Config, batch: int, device: torc
 
 def profile_model(config: Config, device: torch.device, steps: int, warmup: int, compile_: bool,
                   fused: bool = False, batch: int | None = None, top: int = 25) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = config.build().to(device).train()
-    tokenroute.wrap(model, config.routes, seed=0)
+    model = wrapped_model(config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     batch = batch or config.batch
     inputs = random_inputs(model, batch, device)
@@ -150,11 +155,8 @@ def count_flops(configs: list[Config], batch: int, out: Path) -> None:
     device = torch.device("cpu")
     payload = {"benchmark": "profile_flops", "environment": environment(), "config": {"batch": batch}, "results": []}
     for config in configs:
-        torch.manual_seed(0)
-        model = config.build().train()
-        tokenroute.wrap(model, config.routes, seed=0)
         payload["results"].append({"model": config.name, "routes": config.routes,
-                                   **flop_ideals(model, config, batch, device)})
+                                   **flop_ideals(wrapped_model(config, device), config, batch, device)})
         write_json(out, payload)
         r = payload["results"][-1]
         print(f"{config.name}: ideal {r['ideal_speedup']:.3f}x; "
