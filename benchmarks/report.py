@@ -67,9 +67,20 @@ def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
     return "\n".join(rows)
 
 
-def profile_against_flops(paths: tuple[Path, ...] = (RESULTS / "profile_step_dit_xl_fused_b160.json",
-                                                      RESULTS / "profile_step.json",
-                                                      RESULTS / "profile_step_mamba_uvit.json"),
+# The step profiles (``profile_step.py``), today's DiT-XL/2 at a full GPU first, then the earlier default batches.
+PROFILE_FILES = ("profile_step_dit_xl_fused_b160.json", "profile_step.json", "profile_step_mamba_uvit.json")
+
+
+def _against_ideal(ms: dict[str, dict[str, float]], ideal: dict[str, float], category: str, reference: str) -> str:
+    """One category's kernel speed-up, the ``reference`` category's FLOP ideal, and their ratio; "-" where the
+    profile has no such kernels or the count no such FLOPs."""
+    if not ms["routed"].get(category) or reference not in ideal:
+        return "-"
+    speedup = ms["unwrapped"][category] / ms["routed"][category]
+    return f"{speedup:.2f}x ({ideal[reference]:.2f}x): {speedup / ideal[reference]:.2f}"
+
+
+def profile_against_flops(paths: tuple[Path, ...] = tuple(RESULTS / name for name in PROFILE_FILES),
                           flops_path: Path = RESULTS / "profile_flops.json") -> str:
     """Each category's kernel speed-up beside the speed-up its FLOPs allow: matmuls and attention against their
     own FLOP ratios, the other kernels against the matmuls' (what work that scales with the tokens kept allows).
@@ -81,17 +92,10 @@ def profile_against_flops(paths: tuple[Path, ...] = (RESULTS / "profile_step_dit
     for path in paths:
         for r in json.loads(path.read_text())["results"]:
             ideal = r.get("ideal_speedup_by_category") or counted[r["model"]]
-            ms = r["kernel_ms_per_step"]
-
-            def cell(category: str, reference: str) -> str:
-                if not ms["routed"].get(category) or reference not in ideal:
-                    return "-"
-                speedup = ms["unwrapped"][category] / ms["routed"][category]
-                return f"{speedup:.2f}x ({ideal[reference]:.2f}x): {speedup / ideal[reference]:.2f}"
-
+            cells = [_against_ideal(r["kernel_ms_per_step"], ideal, category, reference)
+                     for category, reference in (("matmul", "matmul"), ("attention", "attention"), ("other", "matmul"))]
             name = f"{r['model']}, batch {r['batch']}" + (" (compiled)" if r["compile"] else " (eager)")
-            rows.append(f"| {name} | {cell('matmul', 'matmul')} | {cell('attention', 'attention')} | "
-                        f"{cell('other', 'matmul')} |")
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -299,7 +303,7 @@ if __name__ == "__main__":
         print(throughput(RESULTS / name))
     print()
     print(throughput(RESULTS / "throughput_compiled_fused.json"))
-    for name in ("profile_step_dit_xl_fused_b160.json", "profile_step.json", "profile_step_mamba_uvit.json"):
+    for name in PROFILE_FILES:
         print()
         print(profile(RESULTS / name))
     print()
