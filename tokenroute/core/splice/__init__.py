@@ -207,7 +207,10 @@ class Splice:
             explained = boundaries.explain_failure(err, self.stack.paths)
             if explained is None:
                 raise
-            raise explained from err
+            try:
+                raise explained from err
+            finally:  # its traceback holds this frame: a local naming it would be a cycle pinning the activations
+                del explained
         finally:
             boundaries.end_forward()
 

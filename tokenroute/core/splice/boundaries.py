@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -19,6 +20,15 @@ from ..layout import StreamTokens, TokenLayout
 from ..operations import needs_shared_selection
 from ..plan import Plan
 from ..route import RouteError, check_ratio
+
+
+def _flagged(fn: Any, value: Any, flag: Any) -> Any:
+    """``fn`` applied to the parts of ``value`` that ``flag`` marks: True, False, or a tuple of flags for a tuple's
+    items. A module-level function, not a closure calling itself: that closure would be a reference cycle holding
+    the route's start tensors (and the autograd graph behind them) until Python's cycle collector ran."""
+    if isinstance(flag, tuple):
+        return type(value)(_flagged(fn, v, f) for v, f in zip(value, flag))
+    return fn(value) if flag else value
 
 
 @dataclass
@@ -95,12 +105,8 @@ class Boundaries:
         if self.open == i:
             self.open = None
 
-        def back(value: Any, flag: Any) -> Any:
-            if isinstance(flag, tuple):
-                return type(value)(back(v, f) for v, f in zip(value, flag))
-            return operation.exit(run, value) if flag else value
-
-        return tuple(back(v, r) for v, r in zip(values, routed))
+        leave = functools.partial(operation.exit, run)
+        return tuple(_flagged(leave, v, r) for v, r in zip(values, routed))
 
     def tokens_at(self, block: int) -> StreamTokens | None:
         """The tokens of block ``block``'s stream as it runs now: its layout (read from the graph where a method
