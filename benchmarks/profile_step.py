@@ -14,7 +14,10 @@ unwrapped and the routed variant, and sums the device time of every kernel into 
 
 The speed-up of each category, and the achieved / ideal ratio with the optimizer's fixed cost taken out,
 show whether a shortfall lies in the routed blocks' kernels or in costs routing cannot touch; the kernels that
-take the unwrapped step longest are listed one by one (``--top``), with their speed-up, to say which fall short.
+take the unwrapped step longest are listed one by one (``--top``), with their speed-up. A kernel's name changes
+with the template its shapes select, so the list also sums kernel time by the operator that launched it
+(``aten::native_layer_norm_backward``, say) and names the operators whose routed time exceeds the tokens' ratio
+most: those hold the shortfall, whatever their kernels are called.
 
     python benchmarks/profile_step.py --models DiT-XL/2 --compile     # GPU
     python benchmarks/profile_step.py --models DiT-XL/2 --optimizer fused --batch 160   # where the step fills an H100
@@ -54,21 +57,25 @@ def category(name: str) -> str:
     return "other"
 
 
-def kernel_ms(step, steps: int, device: torch.device) -> dict[str, float]:
-    """Device time per step (ms) of every kernel, by name, from a profile of ``steps`` steps."""
+def kernel_ms(step, steps: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Device time per step (ms) from a profile of ``steps`` steps: of every kernel by name, and of the kernels
+    each aten operator launched itself, by operator. On the CPU both are the operators' own CPU time."""
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
     kernels: dict[str, float] = {}
+    operators: dict[str, float] = {}
     for event in prof.key_averages():
-        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        kernels[event.key] = kernels.get(event.key, 0.0) + us / 1000 / steps
-    return kernels
+        kernel = event.device_type == torch.autograd.DeviceType.CUDA
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total  # its own kernels', or its own
+        if kernel or not cuda:
+            kernels[event.key] = kernels.get(event.key, 0.0) + us / 1000 / steps
+        if not kernel and event.key.startswith("aten::") and us > 0:  # an operator, by what it launched itself
+            operators[event.key] = operators.get(event.key, 0.0) + us / 1000 / steps
+    return kernels, operators
 
 
 def by_category(kernels: dict[str, float]) -> dict[str, float]:
@@ -79,14 +86,33 @@ def by_category(kernels: dict[str, float]) -> dict[str, float]:
     return totals
 
 
+def _listed(times: dict[str, dict[str, float]], names: list[str], kind: str) -> list[dict[str, Any]]:
+    """One row per name: its category and its time in both variants (0 where a variant runs none of it)."""
+    unwrapped, routed = times["unwrapped"], times["routed"]
+    return [{kind: name[:200], "category": category(name), "unwrapped_ms": unwrapped.get(name, 0.0),
+             "routed_ms": routed.get(name, 0.0),
+             "speedup": unwrapped[name] / routed[name] if routed.get(name) and unwrapped.get(name) else None}
+            for name in names]
+
+
 def top_kernels(kernels: dict[str, dict[str, float]], count: int) -> list[dict[str, Any]]:
     """The ``count`` kernels that take the unwrapped step longest, each with its time in both variants: which
     kernels fall short of the share of tokens the routed blocks keep (a category's total does not say)."""
-    unwrapped, routed = kernels["unwrapped"], kernels["routed"]
-    return [{"kernel": name[:200], "category": category(name), "unwrapped_ms": unwrapped[name],
-             "routed_ms": routed.get(name, 0.0),
-             "speedup": unwrapped[name] / routed[name] if routed.get(name) else None}
-            for name in sorted(unwrapped, key=unwrapped.get, reverse=True)[:count]]
+    return _listed(kernels, sorted(kernels["unwrapped"], key=kernels["unwrapped"].get, reverse=True)[:count], "kernel")
+
+
+def operators_over_tokens(operators: dict[str, dict[str, float]], count: int, tokens_ratio: float
+                          ) -> list[dict[str, Any]]:
+    """The ``count`` operators whose routed time exceeds their unwrapped time over ``tokens_ratio`` (what work
+    that scales with the tokens kept allows) by the most, with that excess: where the routed step's shortfall
+    lies. Operators only the routed step runs (the routing draw, the gathers) count in full."""
+    names = set(operators["unwrapped"]) | set(operators["routed"])
+
+    def excess(name: str) -> float:
+        return operators["routed"].get(name, 0.0) - operators["unwrapped"].get(name, 0.0) / tokens_ratio
+
+    ranked = sorted(names, key=excess, reverse=True)[:count]
+    return [{**row, "excess_ms": excess(name)} for name, row in zip(ranked, _listed(operators, ranked, "operator"))]
 
 
 def wrapped_model(config: Config, device: torch.device) -> torch.nn.Module:
@@ -121,12 +147,14 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         for _ in range(warmup):
             fn()
     step_ms = {k: Timer(device)(steps_fn[k], steps) for k in VARIANTS}  # unprofiled, for comparison
-    kernels = {k: kernel_ms(steps_fn[k], steps, device) for k in VARIANTS}
+    profiled = {k: kernel_ms(steps_fn[k], steps, device) for k in VARIANTS}
+    kernels, operators = ({k: v[i] for k, v in profiled.items()} for i in (0, 1))
     ms = {k: by_category(v) for k, v in kernels.items()}
     if not all(sum(v.values()) > 0 for v in ms.values()):
         raise RuntimeError("the profile recorded no kernel time: is this torch's profiler built with CUDA support?")
     total = {k: sum(v.values()) for k, v in ms.items()}
     ideal = flops["ideal_speedup"]
+    tokens_ratio = flops["ideal_speedup_by_category"]["matmul"]  # the linear layers' FLOPs fall with the tokens kept
     without_optimizer = {k: total[k] - ms[k]["optimizer"] for k in VARIANTS}
     result = {
         "model": config.name, "batch": batch, "routes": config.routes, "compile": compile_,
@@ -142,6 +170,9 @@ def profile_model(config: Config, device: torch.device, steps: int, warmup: int,
         "kernel_achieved_over_ideal": total["unwrapped"] / total["routed"] / ideal,
         "achieved_over_ideal_without_optimizer": without_optimizer["unwrapped"] / without_optimizer["routed"] / ideal,
         "top_kernels": top_kernels(kernels, top),
+        "tokens_ratio": tokens_ratio,
+        "operator_ms_per_step": operators,
+        "operators_over_tokens_ratio": operators_over_tokens(operators, top, tokens_ratio),
     }
     del model, optimizer, fns, steps_fn
     if device.type == "cuda":
@@ -174,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: each model's batch in throughput.py")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps per variant")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--top", type=int, default=25, help="kernels listed one by one (by unwrapped time)")
+    parser.add_argument("--top", type=int, default=25,
+                        help="kernels listed one by one (by unwrapped time), and operators (by excess over the "
+                             "tokens' ratio)")
     parser.add_argument("--flops-only", action="store_true",
                         help="count each model's FLOPs by category, unwrapped and routed (no timing; on the CPU "
                              "at batch 1 unless --batch: the ratios do not depend on the device or the batch)")

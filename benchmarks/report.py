@@ -68,6 +68,12 @@ def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
                      *header(["kernel", "category", "unwrapped ms", "routed ms", "speed-up"])]
             rows += [f"| `{k['kernel'][:80]}` | {k['category']} | {k['unwrapped_ms']:.2f} | {k['routed_ms']:.2f} | "
                      + ("-" if k["speedup"] is None else f"{k['speedup']:.2f}x") + " |" for k in r["top_kernels"][:top]]
+        if r.get("operators_over_tokens_ratio"):  # profiles from before the operators were summed have none
+            rows += ["", f"{r['model']}, batch {r['batch']}{' (compiled)' if r['compile'] else ''}: the operators "
+                     f"whose routed time exceeds the tokens' ratio ({r['tokens_ratio']:.2f}x) most", "",
+                     *header(["operator", "category", "unwrapped ms", "routed ms", "over the tokens' ratio, ms"])]
+            rows += [f"| `{o['operator']}` | {o['category']} | {o['unwrapped_ms']:.2f} | {o['routed_ms']:.2f} | "
+                     f"{o['excess_ms']:+.2f} |" for o in r["operators_over_tokens_ratio"][:top]]
     return "\n".join(rows)
 
 

@@ -288,6 +288,15 @@ def test_profile_step_smoke(tmp_path):
     assert top[0]["unwrapped_ms"] <= result["kernel_ms_per_step"]["unwrapped"][top[0]["category"]] + 1e-9
     assert {k["category"] for k in top} <= {*profile_step.CATEGORIES, "other"}
     assert all(k["speedup"] is None or k["speedup"] == pytest.approx(k["unwrapped_ms"] / k["routed_ms"]) for k in top)
+    operators = result["operator_ms_per_step"]  # by the operator that ran the work, per variant
+    only_routed = set(operators["routed"]) - set(operators["unwrapped"])
+    assert any(profile_step.category(name) == "gather_scatter" for name in only_routed)  # the route's gathers
+    assert result["tokens_ratio"] == ideal["matmul"]
+    over = result["operators_over_tokens_ratio"]  # the shortfall's holders first
+    assert 0 < len(over) <= 25 and over == sorted(over, key=lambda o: -o["excess_ms"])
+    for o in over:
+        assert o["unwrapped_ms"] == operators["unwrapped"].get(o["operator"], 0.0)
+        assert o["excess_ms"] == pytest.approx(o["routed_ms"] - o["unwrapped_ms"] / result["tokens_ratio"])
 
 
 def test_profile_flops_only_counts_by_category_at_any_batch(tmp_path):
