@@ -62,15 +62,15 @@ def profile(path: Path = RESULTS / "profile_step.json", top: int = 12) -> str:
         rows.append(f"| {_profile_label(r)} | {cells} | {r['kernel_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                     f"{r['kernel_achieved_over_ideal']:.2f} | {r['achieved_over_ideal_without_optimizer']:.2f} |")
     for r in data["results"]:  # files from before the kernels were listed one by one have none
+        listed = f"{r['model']}, batch {r['batch']}{' (compiled)' if r['compile'] else ''}"
         if r.get("top_kernels"):
-            rows += ["", f"{r['model']}, batch {r['batch']}{' (compiled)' if r['compile'] else ''}: the kernels that "
-                     "take the unwrapped step longest", "",
+            rows += ["", f"{listed}: the kernels that take the unwrapped step longest", "",
                      *header(["kernel", "category", "unwrapped ms", "routed ms", "speed-up"])]
             rows += [f"| `{k['kernel'][:80]}` | {k['category']} | {k['unwrapped_ms']:.2f} | {k['routed_ms']:.2f} | "
                      + ("-" if k["speedup"] is None else f"{k['speedup']:.2f}x") + " |" for k in r["top_kernels"][:top]]
         if r.get("operators_over_tokens_ratio"):  # profiles from before the operators were summed have none
-            rows += ["", f"{r['model']}, batch {r['batch']}{' (compiled)' if r['compile'] else ''}: the operators "
-                     f"whose routed time exceeds the tokens' ratio ({r['tokens_ratio']:.2f}x) most", "",
+            rows += ["", f"{listed}: the operators whose routed time exceeds the tokens' ratio "
+                     f"({r['tokens_ratio']:.2f}x) most", "",
                      *header(["operator", "category", "unwrapped ms", "routed ms", "over the tokens' ratio, ms"])]
             rows += [f"| `{o['operator']}` | {o['category']} | {o['unwrapped_ms']:.2f} | {o['routed_ms']:.2f} | "
                      f"{o['excess_ms']:+.2f} |" for o in r["operators_over_tokens_ratio"][:top]]

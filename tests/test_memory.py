@@ -21,7 +21,7 @@ import tokenroute
 from tokenroute import RouteError
 from tokenroute.core import find_stack
 
-from helpers import backbone_inputs, make_backbone
+from helpers import backbone_inputs, make_backbone, twin
 
 BACKBONES = ["dit", "uvit", "mamba"]
 MODELS = {name: make_backbone(name, depth=6) for name in BACKBONES}  # wrapped copies per test
@@ -39,6 +39,11 @@ def collector_off():
         gc.enable()
 
 
+def stream(out):
+    """A block's stream output (a tuple's first item, as Mamba's blocks return)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def watch_route_start(model: torch.nn.Module, fail_in: int | None = None,
                       error: type[Exception] = RuntimeError) -> list[weakref.ref]:
     """Weak references to block 0's real outputs; with ``fail_in``, that block raises ``error`` after its
@@ -47,12 +52,11 @@ def watch_route_start(model: torch.nn.Module, fail_in: int | None = None,
     seen: list[weakref.ref] = []
 
     def keep(module, args, out):
-        out = out[0] if isinstance(out, tuple) else out
-        if not isinstance(out, FakeTensor):  # the graph splice's trace runs the blocks on fake tensors
-            seen.append(weakref.ref(out))
+        if not isinstance(stream(out), FakeTensor):  # the graph splice's trace runs the blocks on fake tensors
+            seen.append(weakref.ref(stream(out)))
 
     def fail(module, args, out):
-        if not isinstance(out[0] if isinstance(out, tuple) else out, FakeTensor):
+        if not isinstance(stream(out), FakeTensor):
             raise error("failed on purpose")
 
     blocks[0].register_forward_hook(keep)
@@ -61,10 +65,8 @@ def watch_route_start(model: torch.nn.Module, fail_in: int | None = None,
     return seen
 
 
-def variant(name: str, routed: bool, mechanism: str) -> torch.nn.Module:
-    import copy
-
-    model = copy.deepcopy(MODELS[name]).train()
+def variant(name: str, routed: bool, mechanism: str | None) -> torch.nn.Module:
+    model = twin(MODELS[name]).train()
     if routed:
         tokenroute.wrap(model, [ROUTE], seed=0, mechanism=mechanism)
     return model
